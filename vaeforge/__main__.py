@@ -1,0 +1,5 @@
+"""`python -m vaeforge` runs the CLI."""
+
+from vaeforge.cli import main
+
+main()

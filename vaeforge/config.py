@@ -1,0 +1,127 @@
+"""Typed run configuration (ModelConfig, TrainConfig) and model presets; no torch, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vaeforge.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+RECON_LOSSES = ("mse", "bce")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The seed design's hyperparameters. The defaults are the seed's `seed64` model."""
+
+    image_size: int = 64  # the seed trains on 64x64 RGB
+    channels: int = 3
+    # Encoder convs: first stride 1, the rest stride 2, so 64 -> 4 after four halvings.
+    enc_filters: tuple[int, ...] = (32, 64, 128, 256, 512)
+    # Decoder transposed convs, each stride 2, from 4x4 back to 64x64; a final stride-1 conv maps to RGB.
+    dec_filters: tuple[int, ...] = (256, 128, 64, 32)
+    kernel_size: int = 5  # the seed's 5x5 kernels: wide enough for global structure at 64x64
+    leaky_slope: float = 0.02  # the seed's LeakyReLU slope
+    dense_dim: int = 1024  # width of the SELU dense layer on both sides of the latent
+    latent_dim: int = 512
+
+    def __post_init__(self) -> None:
+        halvings = len(self.enc_filters) - 1
+        if self.image_size % (2**halvings):
+            raise UserError(f"image_size {self.image_size} must be divisible by {2**halvings}")
+        if len(self.dec_filters) != halvings:
+            raise UserError(f"dec_filters needs {halvings} entries to undo {halvings} stride-2 convs")
+
+    @property
+    def bottleneck_size(self) -> int:
+        """Spatial size after the encoder convs (4 for seed64)."""
+        return self.image_size // 2 ** (len(self.enc_filters) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The original design document's VAE: 13,802,688 encoder and 13,283,023 decoder parameters.
+    "seed64": ModelConfig(),
+    # Same topology, a fraction of the width: trains in seconds on a CPU, for tests and smoke runs.
+    "tiny": ModelConfig(
+        image_size=64, enc_filters=(8, 8, 16, 16, 32), dec_filters=(16, 16, 8, 8), dense_dim=64, latent_dim=16
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `vaeforge train` needs; the CLI, jobs/ and tests all build this one object."""
+
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = "seed64"
+    data: str | None = None  # None: the built-in procedural shapes dataset
+    max_samples: int | None = None
+    builtin_count: int = 8192  # enough variety for the shapes set; one seed64 epoch is ~1 min on 2 cores
+    cache_dir: str | None = None
+    val_fraction: float = 0.05  # held-out split for the per-epoch ELBO/PSNR; fixed by `seed`
+    epochs: int = 10
+    batch_size: int = 64  # global: split evenly across workers
+    lr: float = 1e-3  # Adam default that trains this VAE stably with BatchNorm everywhere
+    beta: float = 1.0  # weight of the KL term; 1.0 is the true ELBO
+    recon_loss: str = "mse"
+    seed: int = 0
+    precision: str = "auto"
+    workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float | None = None  # None: share the local cores evenly between workers
+    address: str | None = None  # None: RAY_ADDRESS, else start a local Ray
+    resume: bool = False
+    overwrite: bool = False
+    max_failures: int = 0  # worker-group restarts Ray Train may do; each restores the latest checkpoint
+    grid_size: int = 8  # the sample and reconstruction PNGs are grid_size x grid_size
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= self.workers, f"--batch-size {self.batch_size} is below --workers"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.beta >= 0, f"--beta must be >= 0, got {self.beta}"),
+            (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.recon_loss in RECON_LOSSES, f"--recon-loss must be one of {', '.join(RECON_LOSSES)}"),
+            (self.max_samples is None or self.max_samples >= 2, "--max-samples must be at least 2"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite contradict each other"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d.get("model", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

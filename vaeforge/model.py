@@ -1,0 +1,178 @@
+"""The seed design's convolutional VAE: posterior, encoder, decoder, VAE and ELBO loss. Pure torch, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaeforge.config import ModelConfig
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))); hides the reparameterisation trick from the model code."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        self.mean = mean  # (B, D)
+        # Clamp so exp() can neither overflow in bf16 nor collapse to exactly zero variance.
+        self.logvar = logvar.clamp(-30.0, 20.0)  # (B, D)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + torch.exp(0.5 * self.logvar) * eps  # (B, D)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, in nats: 0.5 * sum(mu^2 + var - 1 - logvar)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=1)  # (B,)
+
+
+def _conv_block(cin: int, cout: int, k: int, stride: int, slope: float) -> nn.Sequential:
+    # padding=k//2 gives Keras 'same' output sizes for stride 1 and for stride 2 on even inputs.
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(slope),
+    )
+
+
+def _deconv_block(cin: int, cout: int, k: int, slope: float) -> nn.Sequential:
+    # output_padding=1 makes a stride-2 transposed conv exactly double the size, as Keras 'same' does.
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, k, stride=2, padding=k // 2, output_padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(slope),
+    )
+
+
+class Encoder(nn.Module):
+    """x (B, 3, 64, 64) in [0, 1] -> DiagonalGaussian over z (B, latent_dim)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        k, slope, filters = cfg.kernel_size, cfg.leaky_slope, cfg.enc_filters
+        chans = (cfg.channels, *filters)
+        self.convs = nn.Sequential(
+            *[_conv_block(chans[i], chans[i + 1], k, 1 if i == 0 else 2, slope) for i in range(len(filters))]
+        )
+        flat = filters[-1] * cfg.bottleneck_size**2
+        self.dense = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, cfg.dense_dim), nn.BatchNorm1d(cfg.dense_dim), nn.SELU()
+        )
+        self.mean = nn.Linear(cfg.dense_dim, cfg.latent_dim)
+        self.logvar = nn.Linear(cfg.dense_dim, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> DiagonalGaussian:
+        h = self.convs(x)  # (B, 512, 4, 4)
+        h = self.dense(h)  # (B, 1024)
+        return DiagonalGaussian(self.mean(h), self.logvar(h))
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> image (B, 3, 64, 64) in [0, 1]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        k, slope = cfg.kernel_size, cfg.leaky_slope
+        self.top_channels, self.top_size = cfg.enc_filters[-1], cfg.bottleneck_size
+        self.dense = nn.Sequential(
+            nn.Linear(cfg.latent_dim, cfg.dense_dim),
+            nn.BatchNorm1d(cfg.dense_dim),
+            nn.SELU(),
+            nn.Linear(cfg.dense_dim, self.top_channels * self.top_size**2),
+        )
+        chans = (self.top_channels, *cfg.dec_filters)
+        self.deconvs = nn.Sequential(
+            *[_deconv_block(chans[i], chans[i + 1], k, slope) for i in range(len(chans) - 1)]
+        )
+        # Final stride-1 layer to RGB; BatchNorm before the sigmoid, as in the seed.
+        self.to_rgb = nn.Sequential(
+            nn.ConvTranspose2d(chans[-1], cfg.channels, k, stride=1, padding=k // 2),
+            nn.BatchNorm2d(cfg.channels),
+        )
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.dense(z)  # (B, 8192)
+        h = h.view(-1, self.top_channels, self.top_size, self.top_size)  # (B, 512, 4, 4)
+        h = self.deconvs(h)  # (B, 32, 64, 64)
+        return self.to_rgb(h)  # (B, 3, 64, 64), pre-sigmoid
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
+@dataclass
+class VAEOutput:
+    posterior: DiagonalGaussian
+    logits: torch.Tensor  # (B, 3, H, W) decoder output before the sigmoid
+
+    @property
+    def recon(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+
+class VAE(nn.Module):
+    """Encode, sample with the reparameterisation trick, decode."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        posterior = self.encoder(x)
+        z = posterior.sample(generator)  # (B, D)
+        return VAEOutput(posterior, self.decoder.logits(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through the posterior mean."""
+        return self.decoder(self.encoder(x).mode())
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature
+        return self.decoder(z)
+
+
+@dataclass
+class ELBOTerms:
+    loss: torch.Tensor  # scalar: mean over the batch of recon + beta * kl, what the optimiser minimises
+    recon: torch.Tensor  # (B,) reconstruction term per image, nats-like units summed over pixels
+    kl: torch.Tensor  # (B,) KL per image in nats
+    mse: torch.Tensor  # (B,) mean squared error per image, for PSNR
+
+
+def elbo_loss(x: torch.Tensor, out: VAEOutput, beta: float = 1.0, recon_loss: str = "mse") -> ELBOTerms:
+    """Negative ELBO per image: a reconstruction term summed over pixels plus beta times the KL.
+
+    "mse" is the summed squared error (a fixed-variance Gaussian decoder); "bce" is the summed
+    Bernoulli cross-entropy computed from logits for numerical stability.
+    """
+    logits = out.logits.float()
+    recon_img = torch.sigmoid(logits)
+    sq = (recon_img - x).pow(2).flatten(1)  # (B, C*H*W)
+    if recon_loss == "mse":
+        recon = sq.sum(dim=1)
+    elif recon_loss == "bce":
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
+    else:
+        raise ValueError(f"recon_loss must be 'mse' or 'bce', got {recon_loss!r}")
+    kl = out.posterior.kl()
+    return ELBOTerms(loss=(recon + beta * kl).mean(), recon=recon, kl=kl, mse=sq.mean(dim=1))
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB for images in [0, 1]."""
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))

@@ -1,0 +1,52 @@
+"""Device, precision and thread choices shared by training and generation; pure torch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from vaeforge.errors import UserError
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """True when bf16 autocast runs on real bf16 hardware (AMX/AVX512-BF16 on CPU, Ampere+ on GPU).
+
+    On CPUs without it (plain AVX2) oneDNN emulates bf16 and a VAE step is ~30x *slower* than fp32,
+    so `auto` must not pick it there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Map auto|bf16|fp32 to the precision actually used on `device`."""
+    if requested == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if requested not in ("bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32, got {requested!r}")
+    return requested
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """bf16 autocast for the forward pass; a no-op for fp32."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield
+
+
+def to_model_input(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1], channels_last (the NHWC storage is kept)."""
+    x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a view: stays NHWC in memory
+    return x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 on the CPU, rounded rather than truncated."""
+    return (
+        images.float().clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    )
