@@ -1,0 +1,106 @@
+"""Live progress for people: a rich bar on a terminal, plain periodic lines in logs (`ray job logs`, CI)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+PLAIN_EVERY_S = 10.0  # without a terminal, one line this often keeps logs readable
+
+
+class TrainDisplay:
+    """Consumes the training driver's events (dicts with a "kind") and shows them."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal if live is None else live
+        self.progress: Progress | None = None
+        self.task = None
+        self.epochs = self.steps = 0
+        self.last_plain = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, f"_on_{event['kind']}", None)
+        if handler is not None:
+            handler(event)
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(
+            text, highlight=False, soft_wrap=True
+        )
+
+    def _on_data(self, e: dict[str, Any]) -> None:
+        self._print(f"data: decoding {e['source']} (cached after the first run)")
+
+    def _on_data_ready(self, e: dict[str, Any]) -> None:
+        r = e["report"]
+        skipped = ", ".join(f"{n} {why}" for why, n in r["skipped"].items()) or "none"
+        cache = "cache hit" if r.get("cache", {}).get("hit") else f"decoded in {r['decode_seconds']:.1f}s"
+        classes = f"{len(r['classes'])} classes" if r["labeled"] else "unlabeled"
+        self._print(
+            f"data: {r['images']} images ({classes}; skipped: {skipped}; {cache}); "
+            f"train {e['split']['train']}, held out {e['split']['val']}"
+        )
+
+    def _on_ray(self, e: dict[str, Any]) -> None:
+        where = "local Ray" if e["address"] == "local" else f"Ray at {e['address']}"
+        self._print(f"ray: {where}" + (f", dashboard {e['dashboard']}" if e.get("dashboard") else ""))
+
+    def _on_start(self, e: dict[str, Any]) -> None:
+        self.epochs, self.steps = e["epochs"], e["steps_per_epoch"]
+        resumed = f", resuming at epoch {e['epoch']} step {e['step']}" if e["global_step"] else ""
+        self._print(
+            f"train: {e['world']} worker(s) on {e['device']}, {e['precision']}, "
+            f"{self.steps} steps/epoch{resumed}"
+        )
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[ips]:>7.1f} img/s  loss {task.fields[loss]:.2f}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train",
+                total=self.steps,
+                completed=e["step"],
+                epoch=e["epoch"],
+                epochs=self.epochs,
+                ips=0.0,
+                loss=float("nan"),
+            )
+
+    def _on_step(self, e: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=e["step"], epoch=e["epoch"], ips=e["images_per_s"], loss=e["loss"]
+            )
+        elif time.monotonic() - self.last_plain >= PLAIN_EVERY_S:
+            self.last_plain = time.monotonic()
+            self._print(
+                f"epoch {e['epoch']}/{self.epochs} step {e['step']}/{self.steps} "
+                f"{e['images_per_s']:.1f} img/s loss {e['loss']:.2f}"
+            )
+
+    def _on_epoch(self, e: dict[str, Any]) -> None:
+        self._print(
+            f"epoch {e['epoch']}/{self.epochs}: train loss {e['train_loss']:.2f} | held-out ELBO loss "
+            f"{e['val_loss']:.2f}, MSE {e['val_mse']:.4f}, PSNR {e['val_psnr']:.2f} dB | "
+            f"{e['train_images_per_s']:.1f} img/s"
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,242 @@
+"""Ray Train driver for `vaeforge train`: output-dir rules, data, Ray start-up, TorchTrainer, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vaeforge import __version__
+from vaeforge.checkpoint import CHECKPOINTS_DIR, resolve_checkpoint
+from vaeforge.config import ModelConfig, TrainConfig
+from vaeforge.data import ImageSet, load_images
+from vaeforge.errors import UserError
+
+RUN_FILE = "run.json"
+RUN_ARTIFACTS = (RUN_FILE, "metrics.jsonl", "samples", CHECKPOINTS_DIR)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    best_checkpoint: Path
+    latest_checkpoint: Path
+    history: list[dict[str, Any]]
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "ray", "pyarrow", "webdataset", "pillow", "typer", "numpy")
+    versions = {"vaeforge": __version__, "python": ".".join(map(str, os.sys.version_info[:3]))}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def prepare_output(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Apply the output-dir rules before any work is done; returns the previous run.json on --resume."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a directory")
+    has_run = (out / RUN_FILE).is_file() or (out / CHECKPOINTS_DIR).is_dir()
+    if cfg.resume:
+        if not has_run:
+            raise UserError(f"nothing to resume in {out}: it holds no vaeforge run")
+        previous = json.loads((out / RUN_FILE).read_text())
+        if ModelConfig.from_dict(previous["config"]["model"]) != cfg.model:
+            raise UserError(f"{out} was trained with a different model config; resume with the same --preset")
+        return previous
+    if has_run and not cfg.overwrite:
+        raise UserError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
+    if has_run:
+        for name in RUN_ARTIFACTS:  # only what vaeforge wrote; anything else of the user's stays
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return None
+
+
+def split_indices(n: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out split fixed by the seed; a resumed run gets the same split."""
+    n_val = max(1, round(n * cfg.val_fraction))
+    order = np.random.default_rng([cfg.seed, 7]).permutation(n)
+    train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+    if len(train_idx) < cfg.batch_size:
+        raise UserError(
+            f"only {len(train_idx)} training images after the held-out split, fewer than --batch-size "
+            f"{cfg.batch_size}; lower --batch-size or add data"
+        )
+    return train_idx, val_idx
+
+
+def load_data(cfg: TrainConfig) -> ImageSet:
+    return load_images(
+        cfg.data,
+        image_size=cfg.model.image_size,
+        max_samples=cfg.max_samples,
+        cache_dir=cfg.cache_dir,
+        builtin_count=cfg.builtin_count,
+        seed=cfg.seed,
+    )
+
+
+def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], previous: dict | None) -> None:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run = {
+        "config": cfg.to_dict(),
+        "versions": package_versions(),
+        "data": data.report,
+        "split": split,
+        "started": previous["started"] if previous else now,
+        "resumed": [*(previous or {}).get("resumed", []), now] if previous else [],
+    }
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(run, indent=2, default=str))
+    os.replace(tmp, out / RUN_FILE)
+
+
+def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Worker logs stay in Ray's log files (and `ray job logs`); progress reaches us through a queue.
+    quiet = {"logging_level": "ERROR", "log_to_driver": os.environ.get("VAEFORGE_RAY_LOGS") == "1"}
+    context = None
+    if not ray.is_initialized():
+        if address:
+            context = ray.init(address=address, **quiet)
+        else:
+            cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
+            context = ray.init(num_cpus=cpus, **quiet)
+    url = getattr(context, "dashboard_url", None)
+    url = f"http://{url}" if url and not url.startswith("http") else url
+    return {
+        "address": address or "local",
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "dashboard": url,
+    }
+
+
+def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
+    """ScalingConfig plus the torch thread count per worker."""
+    import ray
+    from ray.train import ScalingConfig
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    cpus = cfg.cpus_per_worker
+    if cpus is None:  # share the local cores; 2 workers on 2 cores get one core each
+        cpus = max(1.0, (os.cpu_count() or 1) // cfg.workers) if not cfg.address else 1.0
+        if cfg.workers > (os.cpu_count() or 1):
+            cpus = (os.cpu_count() or 1) / cfg.workers  # fractional: oversubscribed but never starved
+    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+    return scaling, max(1, int(cpus))
+
+
+def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Everything `vaeforge train` does after option parsing."""
+    previous = prepare_output(cfg)
+    notify = progress or (lambda event: None)
+    notify({"kind": "data", "source": cfg.data or "builtin"})
+    data = load_data(cfg)
+    train_idx, val_idx = split_indices(len(data.images), cfg)
+    split = {"train": len(train_idx), "val": len(val_idx)}
+    write_run_file(cfg, data, split, previous)
+    notify({"kind": "data_ready", "report": data.report, "split": split})
+
+    import ray
+
+    ray_info = init_ray(cfg.address, cfg.workers * (cfg.cpus_per_worker or 1.0))
+    notify({"kind": "ray", **ray_info})
+    data_stats = {
+        **split,
+        "images": len(data.images),
+        "classes": data.class_names,
+        "source": data.report["source"],
+    }
+    loop_config = {
+        "train": cfg.to_dict(),
+        # One copy in the object store; every worker on a node maps the same shared memory.
+        "images": ray.put(np.ascontiguousarray(data.images)),
+        "train_idx": ray.put(train_idx),
+        "val_idx": ray.put(val_idx),
+        "data_stats": data_stats,
+        "resume_from": _latest(cfg) if previous else None,
+    }
+    history = _fit(cfg, loop_config, notify)
+    out = Path(cfg.output)
+    return TrainResult(out, resolve_checkpoint(out, "best"), resolve_checkpoint(out, "latest"), history)
+
+
+def _latest(cfg: TrainConfig) -> str | None:
+    from vaeforge.train_loop import latest_checkpoint_dir
+
+    return latest_checkpoint_dir(cfg.output)
+
+
+def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> list[dict[str, Any]]:
+    """Run the TorchTrainer in a thread while this thread relays the workers' progress events."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from vaeforge.train_loop import train_loop_per_worker
+
+    scaling, threads = _scaling(cfg)
+    queue = Queue(actor_options={"num_cpus": 0})
+    loop_config.update(progress=queue, threads=threads)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=str(Path(cfg.output).resolve()),
+            # Ray keeps the best by held-out loss, and always the latest.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="vaeforge-fit", daemon=True)
+    thread.start()
+    history: list[dict[str, Any]] = []
+    while thread.is_alive() or not queue.empty():
+        try:
+            event = queue.get(timeout=0.25)
+        except Empty:
+            continue
+        if event["kind"] == "epoch":
+            history.append(event)
+        notify(event)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return history
+
+
+def wait_briefly() -> None:
+    time.sleep(0.1)
