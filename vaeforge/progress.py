@@ -104,3 +104,72 @@ class TrainDisplay:
 
 def is_interactive() -> bool:
     return sys.stderr.isatty()
+
+
+class GenerateDisplay:
+    """Consumes `vaeforge generate` events: shards done, images, images/s and ETA."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal if live is None else live
+        self.progress: Progress | None = None
+        self.task = None
+        self.shards = self.count = self.done = self.images = self.images_before = 0
+        self.t0 = time.monotonic()
+        self.last_plain = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, f"_on_{event['kind']}", None)
+        if handler is not None:
+            handler(event)
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(
+            text, highlight=False, soft_wrap=True
+        )
+
+    def _on_plan(self, e: dict[str, Any]) -> None:
+        self.shards, self.count, self.done = e["shards"], e["count"], e["done"]
+        self.images = self.images_before = e["images_done"]
+        resumed = f", {e['done']} already complete (resuming)" if e["done"] else ""
+        self._print(f"generate: {e['count']:,} images in {e['shards']} shards into {e['output']}{resumed}")
+
+    def _on_ray(self, e: dict[str, Any]) -> None:
+        TrainDisplay._on_ray(self, e)  # type: ignore[arg-type]
+
+    def _on_workers(self, e: dict[str, Any]) -> None:
+        self._print(
+            f"workers: {e['n']} actor(s) on {e['device']}, {e['precision']}, {e['threads']} thread(s) each"
+        )
+        self.t0 = time.monotonic()
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]shards"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[images]:>12,} images {task.fields[ips]:>8.1f} img/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "gen", total=self.shards, completed=self.done, images=self.images, ips=0.0
+            )
+
+    def _on_shard(self, e: dict[str, Any]) -> None:
+        self.done += 1
+        self.images += e["count"]
+        ips = (self.images - self.images_before) / max(time.monotonic() - self.t0, 1e-9)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=self.done, images=self.images, ips=ips)
+        elif time.monotonic() - self.last_plain >= PLAIN_EVERY_S or self.done == self.shards:
+            self.last_plain = time.monotonic()
+            eta = (self.count - self.images) / ips if ips > 0 else float("nan")
+            self._print(
+                f"shards {self.done}/{self.shards}, {self.images:,} images, {ips:.1f} img/s, ETA {eta:.0f}s"
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 
 from vaeforge import __version__
 from vaeforge.checkpoint import CHECKPOINTS_DIR, resolve_checkpoint
+from vaeforge.cluster import init_ray
 from vaeforge.config import ModelConfig, TrainConfig
 from vaeforge.data import ImageSet, load_images
 from vaeforge.errors import UserError
@@ -109,29 +111,6 @@ def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], prev
     os.replace(tmp, out / RUN_FILE)
 
 
-def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Worker logs stay in Ray's log files (and `ray job logs`); progress reaches us through a queue.
-    quiet = {"logging_level": "ERROR", "log_to_driver": os.environ.get("VAEFORGE_RAY_LOGS") == "1"}
-    context = None
-    if not ray.is_initialized():
-        if address:
-            context = ray.init(address=address, **quiet)
-        else:
-            cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
-            context = ray.init(num_cpus=cpus, **quiet)
-    url = getattr(context, "dashboard_url", None)
-    url = f"http://{url}" if url and not url.startswith("http") else url
-    return {
-        "address": address or "local",
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "dashboard": url,
-    }
-
-
 def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
     """ScalingConfig plus the torch thread count per worker."""
     import ray
@@ -149,6 +128,8 @@ def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
 
 def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
     """Everything `vaeforge train` does after option parsing."""
+    # Ray workers run in their own working directory: every path they see must be absolute.
+    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
     previous = prepare_output(cfg)
     notify = progress or (lambda event: None)
     notify({"kind": "data", "source": cfg.data or "builtin"})

@@ -1,0 +1,31 @@
+"""Ray start-up shared by train and generate: join a cluster or start a local Ray sized for the job."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Worker logs stay in Ray's log files (and `ray job logs`); progress reaches us through a queue.
+    quiet = {"logging_level": "ERROR", "log_to_driver": os.environ.get("VAEFORGE_RAY_LOGS") == "1"}
+    context = None
+    if not ray.is_initialized():
+        if address:
+            context = ray.init(address=address, **quiet)
+        else:
+            cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
+            context = ray.init(num_cpus=cpus, **quiet)
+    url = getattr(context, "dashboard_url", None)
+    url = f"http://{url}" if url and not url.startswith("http") else url
+    return {
+        "address": address or "local",
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "dashboard": url,
+    }
