@@ -14,7 +14,16 @@ from rich.console import Console
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from vaeforge.config import PRECISIONS, RECON_LOSSES, TrainConfig, get_preset
+from vaeforge.config import (
+    IMAGE_FORMATS,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    RECON_LOSSES,
+    GenerateConfig,
+    TrainConfig,
+    get_preset,
+    parse_count,
+)
 from vaeforge.errors import UserError
 
 app = typer.Typer(
@@ -105,6 +114,75 @@ def train(
     out.print(f"  pictures          {result.output / 'samples'}")
     if last:
         out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
+
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Option(
+        ..., help="Run directory (its best checkpoint), checkpoint directory or model.pt."
+    ),
+    count: str = typer.Option(..., help="Images to generate: 1e6, 1000000 or 1_000_000."),
+    output: Path = typer.Option(
+        Path("runs/generated"), help="Directory for the shards, _manifest.json and _SUCCESS."
+    ),
+    format: str = typer.Option("webdataset", help=f"Output format: {', '.join(OUTPUT_FORMATS)}."),
+    image_format: str = typer.Option(
+        "png", help=f"Image encoding: {', '.join(IMAGE_FORMATS)} (npy: raw uint8)."
+    ),
+    quality: int = typer.Option(95, help="JPEG/WebP quality."),
+    shard_size: int = typer.Option(10_000, help="Samples per shard."),
+    seed: int = typer.Option(0, help="Fixes every latent: sample i of shard s comes from seed (seed, s, i)."),
+    temperature: float = typer.Option(1.0, help="Scale of the prior's standard deviation."),
+    prefix: str = typer.Option("samples", help="Shard file prefix: PREFIX-000000.tar."),
+    batch_size: int = typer.Option(256, help="Decoder batch size."),
+    workers: int = typer.Option(None, help="CPU actors (default: one per GPU, else one per 2 cores)."),
+    gpus: bool = typer.Option(
+        None, "--gpus/--no-gpus", help="Force GPU use on or off (default: if present)."
+    ),
+    precision: str = typer.Option(
+        "auto", help=f"{'|'.join(PRECISIONS)}; auto uses bf16 where hardware runs it."
+    ),
+    encode_threads: int = typer.Option(2, help="Encoder threads per actor (overlap with decoding)."),
+    max_retries: int = typer.Option(3, help="Retries per shard before the run stops."),
+    address: str = typer.Option(
+        None, help="Ray cluster to join (default: RAY_ADDRESS, else start local Ray)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run in --output."),
+) -> None:
+    """Sample a trained VAE into WebDataset or Parquet shards, exactly once; re-run the command to resume."""
+    cfg = GenerateConfig(
+        checkpoint=checkpoint,
+        output=str(output),
+        count=parse_count(count),
+        format=format,
+        image_format=image_format,
+        quality=quality,
+        shard_size=shard_size,
+        seed=seed,
+        temperature=temperature,
+        prefix=prefix,
+        batch_size=batch_size,
+        workers=workers,
+        use_gpu=gpus,
+        precision=precision,
+        encode_threads=encode_threads,
+        max_retries=max_retries,
+        address=address,
+        overwrite=overwrite,
+    )
+    from vaeforge.generate import run_generate
+    from vaeforge.progress import GenerateDisplay
+
+    display = GenerateDisplay(err)
+    try:
+        result = run_generate(cfg, display)
+    finally:
+        display.close()
+    out.print(f"[bold green]done[/]: {result.output}")
+    out.print(f"  shards     {result.shards} x {cfg.format} ({cfg.image_format}), _manifest.json, _SUCCESS")
+    out.print(f"  images     {cfg.count:,} ({result.images:,} made now, {result.resumed_shards} shards kept)")
+    out.print(f"  bytes      {result.bytes:,}")
+    out.print(f"  speed      {result.images_per_s:,.1f} images/s ({result.seconds:.1f}s after Ray start-up)")
 
 
 @app.command("model-summary")

@@ -125,3 +125,106 @@ class TrainConfig:
         d["model"] = ModelConfig.from_dict(d.get("model", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+OUTPUT_FORMATS = ("webdataset", "parquet")
+IMAGE_FORMATS = ("png", "jpeg", "webp", "npy")
+SAMPLERS = ("prior",)
+
+
+def parse_count(text: str | int) -> int:
+    """Accept 1e6, 1000000 and 1_000_000 (what people type for dataset sizes)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        s = str(text).strip().replace("_", "")
+        try:
+            value = int(s)
+        except ValueError:
+            try:
+                f = float(s)
+            except ValueError:
+                raise UserError(f"--count must be a number such as 1e6 or 1_000_000, got {text!r}") from None
+            if not f.is_integer():
+                raise UserError(f"--count must be a whole number, got {text!r}") from None
+            value = int(f)
+    if value < 1:
+        raise UserError(f"--count must be at least 1, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything `vaeforge generate` needs. Fields marked (plan) decide the bytes written; the rest only
+    how fast they are written, so a resume may change them."""
+
+    checkpoint: str
+    output: str
+    count: int  # (plan)
+    format: str = "webdataset"  # (plan)
+    image_format: str = "png"  # (plan) lossless and read by every loader
+    quality: int = 95  # (plan) jpeg/webp only
+    shard_size: int = 10_000  # (plan) ~30-40 MB of PNGs per shard: large enough for streaming readers
+    seed: int = 0  # (plan)
+    sampler: str = "prior"  # (plan)
+    temperature: float = 1.0  # (plan) scales the prior's standard deviation
+    prefix: str = "samples"  # (plan) shard names are {prefix}-{i:06d}.tar / .parquet
+    batch_size: int = 256  # decoder batch; 256 keeps a CPU core's caches busy without a large footprint
+    workers: int | None = None  # CPU actors; None: one per GPU if there are GPUs, else one per 2 cores
+    use_gpu: bool | None = None
+    precision: str = "auto"
+    encode_threads: int = 2  # per actor; Pillow releases the GIL, so encoding overlaps decoding
+    max_retries: int = 3  # attempts per shard beyond the first before the run stops
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.count >= 1, f"--count must be at least 1, got {self.count}"),
+            (
+                self.format in OUTPUT_FORMATS,
+                f"unknown --format {self.format!r}; choose {', '.join(OUTPUT_FORMATS)}",
+            ),
+            (
+                self.image_format in IMAGE_FORMATS,
+                f"unknown --image-format {self.image_format!r}; choose {', '.join(IMAGE_FORMATS)}",
+            ),
+            (self.sampler in SAMPLERS, f"unknown --sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}"),
+            (1 <= self.quality <= 100, f"--quality must be in 1..100, got {self.quality}"),
+            (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.max_retries >= 0, "--max-retries must be >= 0"),
+            (
+                "." not in self.prefix and "/" not in self.prefix and self.prefix,
+                "--prefix must be a plain name",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def plan_dict(self) -> dict[str, Any]:
+        """The fields that decide the output bytes: a resume must match them exactly."""
+        keys = (
+            "count",
+            "format",
+            "image_format",
+            "quality",
+            "shard_size",
+            "seed",
+            "sampler",
+            "temperature",
+            "prefix",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,136 @@
+"""`vaeforge generate` throughput against the raw decoder, measured in one run, plus flat-memory checks.
+
+    .venv/bin/python bench/bench_generate.py [--count 20000] [--checkpoint RUN_OR_CKPT]
+
+Prints, for the seed64 decoder at one precision, batch size and thread count:
+  raw decoder-forward images/s (the upper bound), PNG-encode-alone images/s, end-to-end images/s of
+  `vaeforge generate` for webdataset/png and parquet/png, and the ratio end-to-end / raw (target >= 0.95).
+Then peak RSS of the driver and of the actors at count N and 10 N (the tiny preset, so 10 N stays quick:
+memory is decided by the pipeline's structure, not the model width), which must be flat.
+Without --checkpoint a randomly initialised seed64 checkpoint is used: speed does not depend on weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaeforge.checkpoint import load_vae, save_checkpoint
+from vaeforge.config import get_preset
+from vaeforge.encode import encode_image
+from vaeforge.model import VAE
+from vaeforge.runtime import autocast, resolve_precision, to_uint8_hwc
+
+
+def make_checkpoint(directory: Path, preset: str) -> str:
+    torch.manual_seed(0)
+    return str(save_checkpoint(directory, VAE(get_preset(preset)).eval(), {"epoch": 0, "metrics": {}}))
+
+
+def raw_decode(checkpoint: str, batch: int, threads: int, precision: str, n: int) -> float:
+    """Decoder forward + uint8 conversion only: what generation could reach with free encoding and I/O."""
+    torch.set_num_threads(threads)
+    model = load_vae(checkpoint).model
+    dec = model.decoder.to(memory_format=torch.channels_last).eval()
+    device = torch.device("cpu")
+    z = torch.randn(batch, model.config.latent_dim)
+    with torch.inference_mode(), autocast(precision, device):
+        to_uint8_hwc(dec(z))  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            to_uint8_hwc(dec(z))
+    return max(1, n // batch) * batch / (time.perf_counter() - t0)
+
+
+def png_alone(n: int) -> float:
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        encode_image(img, "png")
+    return n / (time.perf_counter() - t0)
+
+
+def end_to_end(checkpoint: str, fmt: str, count: int, batch: int, precision: str, tmp: Path) -> dict:
+    """`vaeforge generate` in a subprocess, as users run it; img/s from its own timer, peak RSS from /proc."""
+    out = tmp / f"gen-{fmt}-{count}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vaeforge",
+        "generate",
+        "--checkpoint",
+        checkpoint,
+        "--count",
+        str(count),
+        "--format",
+        fmt,
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--precision",
+        precision,
+        "--workers",
+        "1",
+        "--shard-size",
+        str(min(count, 10_000)),
+        "--overwrite",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"generate failed:\n{proc.stderr[-3000:]}")
+    speed = [ln for ln in proc.stdout.splitlines() if "images/s" in ln][0]
+    stats = json.loads((out / ".vaeforge" / "stats.json").read_text())  # written by every generate run
+    return {"ips": float(speed.split()[1].replace(",", "")), "wall": wall, **stats}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="vf-genbench-") as t:
+        tmp = Path(t)
+        ckpt = args.checkpoint or make_checkpoint(tmp / "seed64", "seed64")
+        raw = raw_decode(ckpt, args.batch, threads, precision, min(args.count, 4096))
+        png = png_alone(5000)
+        print(f"seed64 decoder, {precision}, batch {args.batch}, {threads} threads")
+        print(f"raw decoder forward      {raw:9.1f} img/s")
+        print(f"PNG encode alone (1 thr) {png:9.1f} img/s")
+        for fmt in ("webdataset", "parquet"):
+            r = end_to_end(ckpt, fmt, args.count, args.batch, precision, tmp)
+            print(
+                f"generate {fmt:<10}/png  {r['ips']:9.1f} img/s",
+                f"  ratio to raw {r['ips'] / raw:.3f} (target >= 0.95)",
+            )
+        if args.skip_memory:
+            return
+        tiny = make_checkpoint(tmp / "tiny", "tiny")
+        print("\npeak RSS (MB), tiny preset, webdataset/png:")
+        for count in (args.count, 10 * args.count):
+            r = end_to_end(tiny, "webdataset", count, args.batch, precision, tmp)
+            print(
+                f"  count {count:>9,}: driver {r['driver_peak_mb']:7.1f}",
+                f"actors max {r['actor_peak_mb']:7.1f}",
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""One generation worker: loads the decoder once, turns shard tasks into committed shard files. No Ray here.
+
+generate.py wraps this class in a Ray actor; tests and benchmarks can drive it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaeforge.checkpoint import load_vae
+from vaeforge.config import GenerateConfig
+from vaeforge.encode import EncoderPool, extension
+from vaeforge.runtime import autocast, resolve_precision, to_uint8_hwc
+from vaeforge.writers import make_writer
+
+FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    count: int
+    path: str  # final path of the shard file
+    attempt: int = 0
+
+
+def sample_key(shard: int, index: int) -> str:
+    """Keys carry no dots (WebDataset splits on the first one) and sort in generation order."""
+    return f"{shard:06d}_{index:06d}"
+
+
+def prior_latents(seed: int, shard: int, start: int, n: int, dim: int, temperature: float) -> np.ndarray:
+    """(n, dim) float32 latents; sample i comes from its own generator seeded by (seed, shard, i).
+
+    That makes every sample reproducible from its metadata alone, independent of batching and of which
+    worker ran the shard.
+    """
+    z = np.empty((n, dim), dtype=np.float32)
+    for j in range(n):
+        z[j] = np.random.default_rng([seed, shard, start + j]).standard_normal(dim, dtype=np.float32)
+    return z * np.float32(temperature)
+
+
+class ShardWorker:
+    """Decodes latents in batches, encodes on a thread pool while the next batch decodes, writes one shard."""
+
+    def __init__(self, checkpoint: str, cfg: GenerateConfig, threads: int, checkpoint_id: str) -> None:
+        torch.set_num_threads(threads)
+        self.device = torch.device(
+            "cuda" if torch.cuda.is_available() and cfg.use_gpu is not False else "cpu"
+        )
+        loaded = load_vae(checkpoint, map_location=self.device)
+        self.decoder = loaded.model.decoder.to(self.device, memory_format=torch.channels_last).eval()
+        self.latent_dim = loaded.model.config.latent_dim
+        self.cfg, self.checkpoint_id = cfg, checkpoint_id
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.encoders = EncoderPool(cfg.encode_threads)
+        self.node_id = _node_id()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+        }
+
+    def peak_rss_mb(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    @torch.inference_mode()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """(B, D) latents -> (B, H, W, 3) uint8."""
+        with autocast(self.precision, self.device):
+            images = self.decoder(torch.from_numpy(z).to(self.device))
+        return to_uint8_hwc(images).numpy()
+
+    def run(self, task: ShardTask) -> dict[str, Any]:
+        """Write shard `task` under a temp name and commit it atomically; returns its ShardInfo as a dict."""
+        _maybe_fail(task)
+        cfg = self.cfg
+        ext = extension(cfg.image_format)
+        writer = make_writer(cfg.format, task.path, image_ext=ext)
+        try:
+            pending = None  # (start, n, future) of the batch being encoded while the next one decodes
+            for start in range(0, task.count, cfg.batch_size):
+                n = min(cfg.batch_size, task.count - start)
+                z = prior_latents(cfg.seed, task.index, start, n, self.latent_dim, cfg.temperature)
+                future = self.encoders.submit_batch(self.decode(z), cfg.image_format, cfg.quality)
+                if pending is not None:
+                    self._write(writer, task, *pending)
+                pending = (start, n, future)
+            if pending is not None:
+                self._write(writer, task, *pending)
+            info = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return {**asdict(info), "index": task.index, "node_id": self.node_id, "attempt": task.attempt}
+
+    def _write(self, writer: Any, task: ShardTask, start: int, n: int, future: Any) -> None:
+        for j, data in enumerate(future.result()):
+            i = start + j
+            meta = {
+                "seed": self.cfg.seed,
+                "shard": task.index,
+                "index": i,
+                "sampler": self.cfg.sampler,
+                "temperature": self.cfg.temperature,
+                "checkpoint": self.checkpoint_id,
+                "label": None,
+            }
+            writer.write(sample_key(task.index, i), data, meta)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # outside Ray the worker still runs; provenance then says "local"
+        return "local"
+
+
+def _maybe_fail(task: ShardTask) -> None:
+    """Fault injection for tests: fail shard N for its first TIMES attempts, by raising or by crashing."""
+    spec = os.environ.get(FAILURE_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    shard, times = int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 10**9
+    if task.index == shard and task.attempt < times:
+        if "crash" in parts[2:]:
+            os._exit(1)  # a dying actor, as an OOM kill or a lost node looks to the driver
+        raise RuntimeError(f"injected failure in shard {shard} (attempt {task.attempt})")
+
+
+def shard_exists(path: str, size: int) -> bool:
+    p = Path(path)
+    return p.is_file() and p.stat().st_size == size

@@ -1,0 +1,507 @@
+"""Shard writers: one WebDataset tar or Parquet file per shard, written as a temp file, renamed on commit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import operator
+import os
+import re
+import secrets
+import tarfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, BinaryIO, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Fixed tar member attributes: the same samples give the same bytes on any machine, user or day.
+# 2000-01-01 rather than 0 because GNU tar warns about "implausibly old" 1970 timestamps on extraction.
+TAR_MTIME = 946684800
+TAR_MODE = 0o444
+
+# Parquet row groups: 1,000 rows of 64x64 images is a few MB, small enough for readers to stream, large
+# enough that per-group overhead is noise. The byte cap only matters for big images or npy.
+ROW_GROUP_ROWS = 1000
+ROW_GROUP_BYTES = 64 << 20
+
+REQUIRED_META = ("seed", "shard", "index")
+TEMP_MARKER = ".tmp-"
+_TEMP_RE = re.compile(re.escape(TEMP_MARKER) + r"\d+-[0-9a-f]{8}$")
+_IMAGE_EXT_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard: where it is, how many samples, its size in bytes and its sha256 (hex)."""
+
+    path: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+def temp_path_for(final_path: str) -> str:
+    """A temp name beside `final_path`: same directory, so os.replace is atomic; pid + random so that two
+    writers never share one."""
+    return f"{final_path}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def clean_stale_temps(directory: str | os.PathLike[str]) -> int:
+    """Delete the temp files a killed run left in `directory` (not recursive).
+
+    Call it before any writer of this run starts: it cannot tell a live writer's temp from a dead one's.
+
+    Args:
+        directory: the shard directory; a missing one holds nothing to clean.
+
+    Returns:
+        How many files were removed.
+    """
+    if not os.path.isdir(directory):
+        return 0
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and _TEMP_RE.search(entry.name):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename durable. Some network/FUSE filesystems cannot fsync a directory (EINVAL); there the
+    rename is as durable as that filesystem allows, so that is not an error."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+class _HashingFile:
+    """Write-only file that hashes and counts bytes on their way out, so commit() needs no re-read.
+
+    After discard() it drops every write: abort() uses that to let tarfile/pyarrow close cleanly without
+    touching the disk again (pyarrow's writer would otherwise retry its footer from __del__).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by sync_and_close()/discard()
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+        self._discarding = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)  # pyarrow hands over its own buffers, not bytes
+        if self._discarding:
+            return view.nbytes
+        self._file.write(view)
+        self._sha256.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if not self._discarding:
+            self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed and not self._discarding
+
+    def close(self) -> None:
+        """A no-op: the writer that owns this object closes it with sync_and_close() or discard()."""
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+    def sync_and_close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        self._discarding = True
+        # close() flushes what is buffered, which fails again on a full disk; the file is deleted anyway
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+def _meta_json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):  # numpy scalars (np.int64 seeds) serialise as plain numbers
+        return value.item()
+    raise TypeError(f"meta value of type {type(value).__name__} is not JSON serialisable")
+
+
+def _as_int(meta: dict[str, Any], name: str) -> int:
+    value = meta[name]
+    if isinstance(value, bool):
+        raise ValueError(f"meta[{name!r}] must be an integer, got {value!r}")
+    try:
+        return operator.index(value)  # accepts int and numpy integers, rejects floats and strings
+    except TypeError:
+        raise ValueError(f"meta[{name!r}] must be an integer, got {value!r}") from None
+
+
+class ShardWriter(ABC):
+    """Writes one shard to a temp file beside `final_path`; commit() moves it into place atomically.
+
+    The file at `final_path` appears only through commit(), complete and fsynced, so a shard that exists
+    is a finished shard. Anything else (an exception inside `with`, leaving `with` without commit(), a
+    failed write or commit, e.g. a full disk) deletes the temp file and never touches `final_path`.
+
+    Example:
+        with make_writer("webdataset", path, image_ext="png") as writer:
+            for key, image, meta in samples:
+                writer.write(key, image, meta)
+            info = writer.commit()
+    """
+
+    suffix: ClassVar[str]  # file suffix of a shard, with the dot
+
+    def __init__(
+        self,
+        final_path: str | os.PathLike[str],
+        *,
+        image_ext: str,
+        file_metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Args:
+            final_path: where the committed shard goes; its directory must exist.
+            image_ext: extension of the encoded images without the dot ("png", "jpg", ...).
+            file_metadata: string key/values stored once per file (run info); see each writer for where.
+
+        Raises:
+            ValueError: on a bad image_ext or file_metadata.
+            OSError: if the temp file cannot be created.
+        """
+        if not _IMAGE_EXT_RE.match(image_ext):
+            raise ValueError(f"image_ext must be letters and digits with no dot, got {image_ext!r}")
+        self.file_metadata = dict(file_metadata or {})
+        for k, v in self.file_metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"file_metadata must map str to str, got {k!r}: {type(v).__name__}")
+        self.final_path = os.fspath(final_path)
+        self.temp_path = temp_path_for(self.final_path)
+        self.image_ext = image_ext
+        self.count = 0
+        self._keys: set[str] = set()
+        self._state = "open"
+        self._file = _HashingFile(self.temp_path)
+        try:
+            self._open(self._file)
+        except BaseException:
+            self.abort()
+            raise
+
+    @abstractmethod
+    def _open(self, file: _HashingFile) -> None:
+        """Start the format's stream on `file`."""
+
+    @abstractmethod
+    def _write(self, key: str, image: bytes, meta: dict[str, Any], label: int | None) -> None:
+        """Append one validated sample."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Write everything still buffered and the format's trailer; must not close `file` itself."""
+
+    def _check_sample(self, key: str, image: bytes, meta: dict[str, Any]) -> int | None:
+        if self._state != "open":
+            raise RuntimeError(f"writer for {self.final_path} is already {self._state}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"sample key must be a non-empty string, got {key!r}")
+        if "." in key or "/" in key or "\\" in key:
+            # webdataset splits key from extension at the first dot, and a slash would make a directory
+            raise ValueError(f"sample key {key!r} must not contain '.', '/' or '\\'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self.final_path}")
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise ValueError(f"image for {key!r} must be encoded bytes, got {type(image).__name__}")
+        missing = [name for name in REQUIRED_META if name not in meta]
+        if missing:
+            raise ValueError(f"meta for {key!r} lacks {', '.join(missing)}")
+        for name in REQUIRED_META:
+            _as_int(meta, name)
+        return None if meta.get("label") is None else _as_int(meta, "label")
+
+    def write(self, key: str, image: bytes, meta: dict[str, Any]) -> None:
+        """Append one sample.
+
+        Args:
+            key: unique within the shard; non-empty, no '.', '/' or '\\'.
+            image: the encoded image file's bytes.
+            meta: per-sample metadata; needs integer "seed", "shard" and "index", and "label" (int or
+                None, missing means None). Other JSON-serialisable entries (sampler, checkpoint, ...) are
+                kept where the format allows.
+
+        Raises:
+            ValueError: on a bad key, image or meta; the writer stays usable.
+            RuntimeError: after commit() or abort().
+            OSError: if writing fails (e.g. disk full); the temp file is then deleted and the writer
+                aborted.
+        """
+        label = self._check_sample(key, image, meta)
+        try:
+            self._write(key, bytes(image), meta, label)
+        except BaseException:
+            self.abort()
+            raise
+        self._keys.add(key)
+        self.count += 1
+
+    def commit(self) -> ShardInfo:
+        """Finish the file, fsync it, rename it to `final_path` and fsync the directory.
+
+        An existing file at `final_path` is replaced; a shard is deterministic, so that is a re-run of
+        the same shard.
+
+        Returns:
+            ShardInfo with the final path, sample count, size and sha256 (hashed while writing).
+
+        Raises:
+            RuntimeError: after commit() or abort().
+            OSError: if any step fails (e.g. disk full); no file is left at `final_path` or the temp name.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"writer for {self.final_path} is already {self._state}")
+        try:
+            self._close()
+            self._file.sync_and_close()
+            os.replace(self.temp_path, self.final_path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        try:
+            _fsync_directory(os.path.dirname(os.path.abspath(self.final_path)))
+        except BaseException:
+            # The rename may not survive a crash; report failure and leave nothing that looks finished.
+            os.unlink(self.final_path)
+            raise
+        return ShardInfo(self.final_path, self.count, self._file.size, self._file.hexdigest())
+
+    def abort(self) -> None:
+        """Drop the shard: close everything and delete the temp file. Never touches `final_path`.
+
+        Safe to call more than once, and a no-op after commit().
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._file.discard()
+        # Lets tarfile/pyarrow release their state (the bytes go nowhere); the shard is being thrown away,
+        # so complaints from its format writer no longer matter.
+        with contextlib.suppress(Exception):
+            self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp_path)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Commit is explicit: leaving the block without commit(), by exception or not, drops the shard.
+        self.abort()
+
+
+class WebDatasetShardWriter(ShardWriter):
+    """A byte-reproducible WebDataset tar: per sample `{key}.{image_ext}`, `{key}.json` (meta with sorted
+    keys) and `{key}.cls` (the label as decimal text) when labelled, in that order.
+
+    Every member has mtime TAR_MTIME, mode 0o444, uid/gid 0 and empty owner names. file_metadata, if any,
+    goes in a pax global header as the standard `comment` record (JSON), which tar tools and webdataset
+    skip: read it with `tarfile.open(path).pax_headers["comment"]`.
+    """
+
+    suffix = ".tar"
+
+    def _open(self, file: _HashingFile) -> None:
+        pax = {"comment": json.dumps(self.file_metadata, sort_keys=True)} if self.file_metadata else None
+        # PAX format: plain ustar headers for short names, still valid for long keys or non-ASCII ones
+        self._tar = tarfile.TarFile(fileobj=file, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax)
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = TAR_MTIME
+        info.mode = TAR_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def _write(self, key: str, image: bytes, meta: dict[str, Any], label: int | None) -> None:
+        meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=_meta_json_default)
+        self._add(f"{key}.{self.image_ext}", image)
+        self._add(f"{key}.json", meta_json.encode())
+        if label is not None:
+            self._add(f"{key}.cls", str(label).encode())
+
+    def _close(self) -> None:
+        self._tar.close()
+
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", IMAGE_TYPE, nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("shard", pa.int64(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+    ]
+)
+
+
+def _hf_features() -> str:
+    """How Hugging Face `datasets` records features in a parquet file, so it decodes `image` as images."""
+    value = {"dtype": "int64", "_type": "Value"}
+    features = {
+        "key": {"dtype": "string", "_type": "Value"},
+        "image": {"_type": "Image"},
+        "label": value,
+        "seed": value,
+        "shard": value,
+        "index": value,
+    }
+    return json.dumps({"info": {"features": features}})
+
+
+class ParquetShardWriter(ShardWriter):
+    """One zstd Parquet file per shard with exactly the columns of PARQUET_SCHEMA.
+
+    `image` is the Hugging Face Image struct {bytes, path="{key}.{image_ext}"}, and the schema carries
+    the `huggingface` features key so `datasets` decodes it. file_metadata goes into the schema's
+    key/value metadata. Rows are buffered and written in row groups of `row_group_rows` rows or about
+    `row_group_bytes` of image data, whichever comes first.
+    """
+
+    suffix = ".parquet"
+
+    def __init__(
+        self,
+        final_path: str | os.PathLike[str],
+        *,
+        image_ext: str,
+        file_metadata: dict[str, str] | None = None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        row_group_bytes: int = ROW_GROUP_BYTES,
+    ) -> None:
+        """Args:
+            final_path, image_ext, file_metadata: as for ShardWriter.
+            row_group_rows: most rows in one row group.
+            row_group_bytes: a row group is cut once its image bytes reach this.
+
+        Raises:
+            ValueError: on bad arguments, or file_metadata using the reserved key "huggingface".
+            OSError: if the temp file cannot be created.
+        """
+        if row_group_rows < 1 or row_group_bytes < 1:
+            raise ValueError("row_group_rows and row_group_bytes must be positive")
+        if file_metadata and "huggingface" in file_metadata:
+            raise ValueError('file_metadata key "huggingface" is reserved for the features description')
+        self.row_group_rows = row_group_rows
+        self.row_group_bytes = row_group_bytes
+        self._rows: list[tuple[str, bytes, int | None, int, int, int]] = []
+        self._buffered_bytes = 0
+        super().__init__(final_path, image_ext=image_ext, file_metadata=file_metadata)
+
+    def _open(self, file: _HashingFile) -> None:
+        schema = PARQUET_SCHEMA.with_metadata({**self.file_metadata, "huggingface": _hf_features()})
+        self._pq = pq.ParquetWriter(file, schema, compression="zstd", write_statistics=True)
+
+    def _write(self, key: str, image: bytes, meta: dict[str, Any], label: int | None) -> None:
+        row = (key, image, label, _as_int(meta, "seed"), _as_int(meta, "shard"), _as_int(meta, "index"))
+        self._rows.append(row)
+        self._buffered_bytes += len(image)
+        if len(self._rows) >= self.row_group_rows or self._buffered_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        keys, images, labels, seeds, shards, indices = zip(*self._rows, strict=True)
+        paths = [f"{k}.{self.image_ext}" for k in keys]
+        image_col = pa.StructArray.from_arrays(
+            [pa.array(images, pa.binary()), pa.array(paths, pa.string())], fields=list(IMAGE_TYPE)
+        )
+        columns = [
+            pa.array(keys, pa.string()),
+            image_col,
+            pa.array(labels, pa.int64()),
+            pa.array(seeds, pa.int64()),
+            pa.array(shards, pa.int64()),
+            pa.array(indices, pa.int64()),
+        ]
+        table = pa.Table.from_arrays(columns, schema=self._pq.schema)
+        self._rows, self._buffered_bytes = [], 0
+        self._pq.write_table(table, row_group_size=table.num_rows)  # one flush is one row group
+
+    def _close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self._pq.close()
+
+
+WRITERS: dict[str, type[ShardWriter]] = {
+    "webdataset": WebDatasetShardWriter,
+    "parquet": ParquetShardWriter,
+}
+
+
+def writer_class(format: str) -> type[ShardWriter]:
+    """Raises:
+    ValueError: if `format` is not a key of WRITERS; the message lists the valid names.
+    """
+    try:
+        return WRITERS[format]
+    except KeyError:
+        raise ValueError(
+            f"unknown output format {format!r}; valid formats: {', '.join(sorted(WRITERS))}"
+        ) from None
+
+
+def shard_name(prefix: str, index: int, format: str) -> str:
+    """File name of shard `index`: "{prefix}-{index:06d}.tar" or ".parquet".
+
+    Raises:
+        ValueError: on an unknown format or a negative index.
+    """
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{prefix}-{index:06d}{writer_class(format).suffix}"
+
+
+def make_writer(
+    format: str,
+    final_path: str | os.PathLike[str],
+    *,
+    image_ext: str,
+    file_metadata: dict[str, str] | None = None,
+) -> ShardWriter:
+    """Open a writer for one shard of the given output format (a key of WRITERS).
+
+    Raises:
+        ValueError: on an unknown format (listing the valid ones) or bad arguments.
+        OSError: if the temp file cannot be created.
+    """
+    return writer_class(format)(final_path, image_ext=image_ext, file_metadata=file_metadata)
