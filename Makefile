@@ -19,12 +19,15 @@ setup: $(STAMP)
 # The main job on the built-in data: train the seed VAE, then say where everything went.
 demo: $(STAMP)
 	$(BIN)/vaeforge train --output $(DEMO)/train --epochs 2 --max-samples 2048 --overwrite
+	$(BIN)/vaeforge generate --checkpoint $(DEMO)/train --count 2000 --shard-size 500 \
+		--output $(DEMO)/shards --overwrite
 	@echo
 	@echo "demo outputs:"
 	@echo "  run directory     $(DEMO)/train  (run.json, metrics.jsonl)"
 	@echo "  checkpoints       $(DEMO)/train/checkpoints"
 	@echo "  sample pictures   $(DEMO)/train/samples/samples_epoch0002.png"
 	@echo "  reconstructions   $(DEMO)/train/samples/recon_epoch0002.png"
+	@echo "  synthetic shards  $(DEMO)/shards/samples-00000{0..3}.tar  (+ _manifest.json, _SUCCESS)"
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

@@ -264,7 +264,7 @@ def _run_pool(
     info = init_ray(cfg.address, 1.0)
     notify({"kind": "ray", **info})
     n_actors, resources, threads = _worker_plan(cfg)
-    actor_cls = ray.remote(max_restarts=0)(ShardWorker).options(**resources)
+    actor_cls = ray.remote(max_restarts=0)(_RayShardWorker).options(**resources)
 
     spawned: list[Any] = []
 
@@ -303,6 +303,16 @@ def _run_pool(
     finally:
         for a in spawned:
             ray.kill(a, no_restart=True)
+
+
+class _RayShardWorker(ShardWorker):
+    """ShardWorker as a Ray actor: the same work, plus the node id every shard's provenance records."""
+
+    def __init__(self, *args: Any) -> None:
+        import ray
+
+        super().__init__(*args)
+        self.node_id = ray.get_runtime_context().get_node_id()
 
 
 def _retry(task: ShardTask, cfg: GenerateConfig, why: str) -> ShardTask:

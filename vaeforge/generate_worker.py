@@ -62,7 +62,7 @@ class ShardWorker:
         self.cfg, self.checkpoint_id = cfg, checkpoint_id
         self.precision = resolve_precision(cfg.precision, self.device)
         self.encoders = EncoderPool(cfg.encode_threads)
-        self.node_id = _node_id()
+        self.node_id = "local"  # the Ray actor subclass in generate.py records its node
 
     def info(self) -> dict[str, Any]:
         return {
@@ -118,15 +118,6 @@ class ShardWorker:
                 "label": None,
             }
             writer.write(sample_key(task.index, i), data, meta)
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    except Exception:  # outside Ray the worker still runs; provenance then says "local"
-        return "local"
 
 
 def _maybe_fail(task: ShardTask) -> None:
