@@ -57,8 +57,15 @@ def prepare_output(cfg: TrainConfig) -> dict[str, Any] | None:
     if cfg.resume:
         if not has_run:
             raise UserError(f"nothing to resume in {out}: it holds no vaeforge run")
-        previous = json.loads((out / RUN_FILE).read_text())
-        if ModelConfig.from_dict(previous["config"]["model"]) != cfg.model:
+        try:
+            previous = json.loads((out / RUN_FILE).read_text())
+            model = ModelConfig.from_dict(previous["config"]["model"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"cannot resume {out}: its {RUN_FILE} is missing or damaged ({type(e).__name__}); "
+                "pass --overwrite to start a new run there"
+            ) from None
+        if model != cfg.model:
             raise UserError(f"{out} was trained with a different model config; resume with the same --preset")
         return previous
     if has_run and not cfg.overwrite:
@@ -103,7 +110,7 @@ def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], prev
         "versions": package_versions(),
         "data": data.report,
         "split": split,
-        "started": previous["started"] if previous else now,
+        "started": previous.get("started", now) if previous else now,
         "resumed": [*(previous or {}).get("resumed", []), now] if previous else [],
     }
     tmp = out / (RUN_FILE + ".tmp")
