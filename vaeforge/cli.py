@@ -6,6 +6,7 @@ Heavy modules (torch, ray) are imported inside the commands: the data decoder's 
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except UserError as e:
         _fail(str(e), 2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(
+            f"disk full writing {e.filename or 'output'}; free space and re-run the same command to resume", 2
+        )
     except KeyboardInterrupt:
         _fail("interrupted; finished checkpoints and shards are kept, re-run with --resume to continue", 130)
     except TyperException as e:  # click's usage errors (unknown option, bad value) and Abort (Ctrl-C)

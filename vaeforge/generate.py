@@ -130,7 +130,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _read_ledger(path: Path) -> dict[int, dict[str, Any]]:
-    """Ledger lines are appended after each commit; a torn last line (killed mid-append) is ignored."""
+    """Ledger lines are appended after each commit; a torn last line (killed mid-append) is ignored.
+
+    Shards are looked up by name in the directory being resumed, not at the recorded path: a run that
+    was moved or copied must not count shards that exist only where it was first written.
+    """
     done: dict[int, dict[str, Any]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -138,6 +142,7 @@ def _read_ledger(path: Path) -> dict[int, dict[str, Any]]:
                 rec = json.loads(line)
             except ValueError:
                 continue
+            rec["path"] = str(path.parent.parent / Path(rec["path"]).name)
             if shard_exists(rec["path"], rec["bytes"]):
                 done[rec["index"]] = rec
     return done
@@ -174,6 +179,9 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     done = prepare_output(cfg, sha)
     tasks = plan_shards(cfg)
     todo = [t for t in tasks if t.index not in done]
+    if todo:  # the shard set is about to change: nothing may claim completeness until the manifest is new
+        for name in (SUCCESS, MANIFEST):
+            (Path(cfg.output) / name).unlink(missing_ok=True)
     notify(
         {
             "kind": "plan",
