@@ -17,7 +17,7 @@ import torch
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
 from vaeforge.encode import EncoderPool, extension
-from vaeforge.runtime import autocast, resolve_precision, to_uint8_hwc
+from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
 from vaeforge.writers import make_writer
 
 FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
@@ -52,7 +52,7 @@ class ShardWorker:
     """Decodes latents in batches, encodes on a thread pool while the next batch decodes, writes one shard."""
 
     def __init__(self, checkpoint: str, cfg: GenerateConfig, threads: int, checkpoint_id: str) -> None:
-        torch.set_num_threads(threads)
+        claim_cpu(threads)
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and cfg.use_gpu is not False else "cpu"
         )

@@ -214,7 +214,7 @@ def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> lis
     history: list[dict[str, Any]] = []
     while thread.is_alive() or not queue.empty():
         try:
-            event = queue.get(timeout=0.25)
+            event = queue.get(timeout=1.0)  # each poll is an actor call: keep them rare
         except Empty:
             continue
         if event["kind"] == "epoch":

@@ -20,7 +20,7 @@ from vaeforge.checkpoint import CHECKPOINTS_DIR, load_trainer_state, read_meta, 
 from vaeforge.config import TrainConfig
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
-from vaeforge.runtime import autocast, resolve_precision, to_model_input, to_uint8_hwc
+from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_model_input, to_uint8_hwc
 
 PROGRESS_EVERY_S = 1.0  # how often rank 0 sends a progress event to the driver
 
@@ -144,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config["threads"])  # Ray sets OMP_NUM_THREADS to the CPU share; be explicit
+    claim_cpu(config["threads"])  # Ray sets OMP_NUM_THREADS to the CPU share and nice 15; be explicit
     device = ray.train.torch.get_device()
     ctx = {
         "rank": rank,
