@@ -136,14 +136,18 @@ def generate(
     temperature: float = typer.Option(1.0, help="Scale of the prior's standard deviation."),
     prefix: str = typer.Option("samples", help="Shard file prefix: PREFIX-000000.tar."),
     batch_size: int = typer.Option(256, help="Decoder batch size."),
-    workers: int = typer.Option(None, help="CPU actors (default: one per GPU, else one per 2 cores)."),
+    workers: int = typer.Option(
+        None, help="Actors (default: one per GPU, else one 1-thread actor per core)."
+    ),
     gpus: bool = typer.Option(
         None, "--gpus/--no-gpus", help="Force GPU use on or off (default: if present)."
     ),
     precision: str = typer.Option(
         "auto", help=f"{'|'.join(PRECISIONS)}; auto uses bf16 where hardware runs it."
     ),
-    encode_threads: int = typer.Option(2, help="Encoder threads per actor (overlap with decoding)."),
+    encode_threads: int = typer.Option(
+        None, help="Encoder threads per actor (default: 2 on GPU, 0 = inline on CPU)."
+    ),
     max_retries: int = typer.Option(3, help="Retries per shard before the run stops."),
     address: str = typer.Option(
         None, help="Ray cluster to join (default: RAY_ADDRESS, else start local Ray)."

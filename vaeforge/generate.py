@@ -252,7 +252,7 @@ def _worker_plan(cfg: GenerateConfig) -> tuple[int, dict[str, Any], int]:
             raise UserError("--gpus was given but the Ray cluster has no GPU")
         return cfg.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    n = cfg.workers or max(1, cores // 2)
+    n = cfg.workers or cores
     share = max(cores / n, 0.5) if not cfg.address else 1.0
     return n, {"num_cpus": min(share, cores)}, max(1, int(share))
 

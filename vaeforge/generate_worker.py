@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
-from vaeforge.encode import EncoderPool, extension
+from vaeforge.encode import EncoderPool, encode_image, extension
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
 from vaeforge.writers import make_writer
 
@@ -61,7 +62,10 @@ class ShardWorker:
         self.latent_dim = loaded.model.config.latent_dim
         self.cfg, self.checkpoint_id = cfg, checkpoint_id
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.encoders = EncoderPool(cfg.encode_threads)
+        n_encoders = (
+            cfg.encode_threads if cfg.encode_threads is not None else 2 * (self.device.type == "cuda")
+        )
+        self.encoders = EncoderPool(n_encoders) if n_encoders else None
         self.node_id = "local"  # the Ray actor subclass in generate.py records its node
 
     def info(self) -> dict[str, Any]:
@@ -93,7 +97,7 @@ class ShardWorker:
             for start in range(0, task.count, cfg.batch_size):
                 n = min(cfg.batch_size, task.count - start)
                 z = prior_latents(cfg.seed, task.index, start, n, self.latent_dim, cfg.temperature)
-                future = self.encoders.submit_batch(self.decode(z), cfg.image_format, cfg.quality)
+                future = self._encode(self.decode(z))
                 if pending is not None:
                     self._write(writer, task, *pending)
                 pending = (start, n, future)
@@ -104,6 +108,14 @@ class ShardWorker:
             writer.abort()
             raise
         return {**asdict(info), "index": task.index, "node_id": self.node_id, "attempt": task.attempt}
+
+    def _encode(self, images: np.ndarray) -> Any:
+        """Hand the batch to the encoder threads, or encode it right here when there are none."""
+        if self.encoders is not None:
+            return self.encoders.submit_batch(images, self.cfg.image_format, self.cfg.quality)
+        done: Future[list[bytes]] = Future()
+        done.set_result([encode_image(img, self.cfg.image_format, self.cfg.quality) for img in images])
+        return done
 
     def _write(self, writer: Any, task: ShardTask, start: int, n: int, future: Any) -> None:
         for j, data in enumerate(future.result()):
