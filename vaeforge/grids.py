@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
@@ -25,9 +23,3 @@ def interleave(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
     out = np.empty((2 * len(originals), *originals.shape[1:]), dtype=originals.dtype)
     out[0::2], out[1::2] = originals, recons
     return out
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -12,15 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PLAIN_EVERY_S = 10.0  # without a terminal, one line this often keeps logs readable
 
 
-class TrainDisplay:
-    """Consumes the training driver's events (dicts with a "kind") and shows them."""
+class _Display:
+    """Shared plumbing: events are dicts with a "kind", handled by `_on_<kind>`; unknown kinds are ignored."""
 
     def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal if live is None else live
         self.progress: Progress | None = None
         self.task = None
-        self.epochs = self.steps = 0
         self.last_plain = 0.0
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -32,6 +30,23 @@ class TrainDisplay:
         (self.progress.console if self.progress else self.console).print(
             text, highlight=False, soft_wrap=True
         )
+
+    def _on_ray(self, e: dict[str, Any]) -> None:
+        where = "local Ray" if e["address"] == "local" else f"Ray at {e['address']}"
+        self._print(f"ray: {where}" + (f", dashboard {e['dashboard']}" if e.get("dashboard") else ""))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class TrainDisplay(_Display):
+    """Consumes the training driver's events and shows them."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
+        super().__init__(console, live)
+        self.epochs = self.steps = 0
 
     def _on_data(self, e: dict[str, Any]) -> None:
         self._print(f"data: decoding {e['source']} (cached after the first run)")
@@ -45,10 +60,6 @@ class TrainDisplay:
             f"data: {r['images']} images ({classes}; skipped: {skipped}; {cache}); "
             f"train {e['split']['train']}, held out {e['split']['val']}"
         )
-
-    def _on_ray(self, e: dict[str, Any]) -> None:
-        where = "local Ray" if e["address"] == "local" else f"Ray at {e['address']}"
-        self._print(f"ray: {where}" + (f", dashboard {e['dashboard']}" if e.get("dashboard") else ""))
 
     def _on_start(self, e: dict[str, Any]) -> None:
         self.epochs, self.steps = e["epochs"], e["steps_per_epoch"]
@@ -96,46 +107,20 @@ class TrainDisplay:
             f"{e['train_images_per_s']:.1f} img/s"
         )
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
-
-
-class GenerateDisplay:
+class GenerateDisplay(_Display):
     """Consumes `vaeforge generate` events: shards done, images, images/s and ETA."""
 
     def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
-        self.console = console or Console(stderr=True)
-        self.live = self.console.is_terminal if live is None else live
-        self.progress: Progress | None = None
-        self.task = None
+        super().__init__(console, live)
         self.shards = self.count = self.done = self.images = self.images_before = 0
         self.t0 = time.monotonic()
-        self.last_plain = 0.0
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        handler = getattr(self, f"_on_{event['kind']}", None)
-        if handler is not None:
-            handler(event)
-
-    def _print(self, text: str) -> None:
-        (self.progress.console if self.progress else self.console).print(
-            text, highlight=False, soft_wrap=True
-        )
 
     def _on_plan(self, e: dict[str, Any]) -> None:
         self.shards, self.count, self.done = e["shards"], e["count"], e["done"]
         self.images = self.images_before = e["images_done"]
         resumed = f", {e['done']} already complete (resuming)" if e["done"] else ""
         self._print(f"generate: {e['count']:,} images in {e['shards']} shards into {e['output']}{resumed}")
-
-    def _on_ray(self, e: dict[str, Any]) -> None:
-        TrainDisplay._on_ray(self, e)  # type: ignore[arg-type]
 
     def _on_workers(self, e: dict[str, Any]) -> None:
         self._print(
@@ -168,8 +153,3 @@ class GenerateDisplay:
             self._print(
                 f"shards {self.done}/{self.shards}, {self.images:,} images, {ips:.1f} img/s, ETA {eta:.0f}s"
             )
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -224,7 +223,3 @@ def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> lis
     if "error" in box:
         raise box["error"]
     return history
-
-
-def wait_briefly() -> None:
-    time.sleep(0.1)

@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from vaeforge.checkpoint import CHECKPOINTS_DIR, load_trainer_state, read_meta, save_checkpoint
+from vaeforge.checkpoint import CHECKPOINTS_DIR, load_trainer_state, save_checkpoint
 from vaeforge.config import TrainConfig
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
@@ -242,7 +242,3 @@ def latest_checkpoint_dir(output: str) -> str | None:
         return None
     done = sorted(p for p in root.iterdir() if (p / "meta.json").is_file() and (p / "trainer.pt").is_file())
     return str(done[-1]) if done else None
-
-
-def checkpoint_epoch(path: str) -> int:
-    return int(read_meta(Path(path)).get("epoch", 0))
