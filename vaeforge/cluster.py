@@ -8,6 +8,11 @@ from typing import Any
 import numpy as np
 
 
+def joins_cluster(address: str | None) -> bool:
+    """True when the job runs on an existing cluster (--address or RAY_ADDRESS), not a local Ray."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
     """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine."""
     import ray

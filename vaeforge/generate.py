@@ -23,7 +23,7 @@ from typing import Any
 
 from vaeforge import __version__
 from vaeforge.checkpoint import MODEL_FILE, load_vae, resolve_checkpoint
-from vaeforge.cluster import init_ray
+from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker, shard_exists
@@ -253,7 +253,7 @@ def _worker_plan(cfg: GenerateConfig) -> tuple[int, dict[str, Any], int]:
         return cfg.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n = cfg.workers or cores
-    share = max(cores / n, 0.5) if not cfg.address else 1.0
+    share = max(cores / n, 0.5) if not joins_cluster(cfg.address) else 1.0
     return n, {"num_cpus": min(share, cores)}, max(1, int(share))
 
 

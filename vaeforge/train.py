@@ -18,7 +18,7 @@ import numpy as np
 
 from vaeforge import __version__
 from vaeforge.checkpoint import CHECKPOINTS_DIR, resolve_checkpoint
-from vaeforge.cluster import init_ray
+from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import ModelConfig, TrainConfig
 from vaeforge.data import ImageSet, load_images
 from vaeforge.errors import UserError
@@ -125,7 +125,7 @@ def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     cpus = cfg.cpus_per_worker
     if cpus is None:  # share the local cores; 2 workers on 2 cores get one core each
-        cpus = max(1.0, (os.cpu_count() or 1) // cfg.workers) if not cfg.address else 1.0
+        cpus = max(1.0, (os.cpu_count() or 1) // cfg.workers) if not joins_cluster(cfg.address) else 1.0
         if cfg.workers > (os.cpu_count() or 1):
             cpus = (os.cpu_count() or 1) / cfg.workers  # fractional: oversubscribed but never starved
     scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
