@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vaeforge import __version__
-from vaeforge.checkpoint import CHECKPOINTS_DIR, resolve_checkpoint
+from vaeforge.checkpoint import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints, resolve_checkpoint
 from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import ModelConfig, TrainConfig
 from vaeforge.data import ImageSet, load_images
@@ -170,9 +170,9 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
 
 
 def _latest(cfg: TrainConfig) -> str | None:
-    from vaeforge.train_loop import latest_checkpoint_dir
-
-    return latest_checkpoint_dir(cfg.output)
+    """The newest complete checkpoint that can be resumed from (it has the optimiser state too)."""
+    resumable = [c for c in list_checkpoints(cfg.output) if (c / TRAINER_FILE).is_file()]
+    return str(resumable[-1]) if resumable else None
 
 
 def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from vaeforge.checkpoint import CHECKPOINTS_DIR, load_trainer_state, save_checkpoint
+from vaeforge.checkpoint import load_trainer_state, save_checkpoint
 from vaeforge.config import TrainConfig
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
@@ -233,12 +233,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint_dir_name=checkpoint and Path(checkpoint.path).name,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
-
-
-def latest_checkpoint_dir(output: str) -> str | None:
-    """The newest complete checkpoint of a run directory, for --resume."""
-    root = Path(output) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if (p / "meta.json").is_file() and (p / "trainer.pt").is_file())
-    return str(done[-1]) if done else None
