@@ -135,6 +135,7 @@ def assert_matches_manifest(out: Path, counts: list[int]) -> dict:
         data = (out / s["path"]).read_bytes()  # relative names
         assert s["bytes"] == len(data)
         assert s["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (s["device"], s["precision"]) == ("cpu", "fp32")  # provenance of the bytes
     listed = {s["path"] for s in manifest["shards"]}
     assert listed == set(shards(out)), "a shard file exists that the manifest does not list"
     return manifest

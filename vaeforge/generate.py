@@ -221,7 +221,11 @@ def _peak_rss_mb() -> float:
 
 def _write_manifest(cfg: GenerateConfig, ckpt_dir: str, sha: str, tasks: list[ShardTask], done: dict) -> None:
     shards = [
-        {k: done[t.index][k] for k in ("index", "path", "count", "bytes", "sha256", "node_id")} for t in tasks
+        {
+            k: done[t.index].get(k)
+            for k in ("index", "path", "count", "bytes", "sha256", "node_id", "device", "precision")
+        }
+        for t in tasks
     ]
     for s in shards:
         s["path"] = Path(s["path"]).name  # relative: the directory can be moved or synced elsewhere
@@ -282,9 +286,13 @@ def _run_pool(
 
     queue, running = deque(todo), {}
     idle = [spawn() for _ in range(min(n_actors, len(todo)))]
-    notify({"kind": "workers", "n": len(idle), "threads": threads, **ray.get(idle[0].info.remote())})
-    t0 = time.perf_counter()  # throughput counts from the first ready actor: Ray start-up is not generation
     try:
+        try:
+            first = ray.get(idle[0].info.remote())
+        except ray.exceptions.RayActorError as e:  # e.g. the checkpoint does not load on a worker node
+            raise UserError(f"a generate worker died while starting: {str(e).splitlines()[0]}") from None
+        notify({"kind": "workers", "n": len(idle), "threads": threads, **first})
+        t0 = time.perf_counter()  # throughput counts from the first ready actor: start-up is not generation
         while queue or running:
             while queue and idle:
                 actor, task = idle.pop(), queue.popleft()

@@ -107,7 +107,16 @@ class ShardWorker:
         except BaseException:
             writer.abort()
             raise
-        return {**asdict(info), "index": task.index, "node_id": self.node_id, "attempt": task.attempt}
+        # Device and precision are provenance: bf16 and fp32, or a GPU and a CPU, round differently, so
+        # byte-identity across a resume holds for the same device kind and precision, and this says which.
+        return {
+            **asdict(info),
+            "index": task.index,
+            "node_id": self.node_id,
+            "device": self.device.type,
+            "precision": self.precision,
+            "attempt": task.attempt,
+        }
 
     def _encode(self, images: np.ndarray) -> Any:
         """Hand the batch to the encoder threads, or encode it right here when there are none."""
