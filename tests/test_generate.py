@@ -37,8 +37,9 @@ from vaeforge.cli import main
 from vaeforge.config import GenerateConfig, get_preset, parse_count
 from vaeforge.encode import encode_image
 from vaeforge.errors import UserError
-from vaeforge.generate_worker import FAILURE_ENV, ShardTask, ShardWorker, prior_latents
+from vaeforge.generate_worker import FAILURE_ENV, ShardTask, ShardWorker
 from vaeforge.model import VAE
+from vaeforge.sampling import prior_latents
 
 # fp32 explicitly: `auto` may pick bf16 on other CPUs, and test 3 regenerates a sample in fp32.
 COMMON = ["--precision", "fp32"]

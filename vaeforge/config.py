@@ -129,7 +129,7 @@ class TrainConfig:
 
 OUTPUT_FORMATS = ("webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp", "npy")
-SAMPLERS = ("prior",)
+SAMPLERS = ("prior", "gmm")
 
 
 def parse_count(text: str | int) -> int:

@@ -27,6 +27,7 @@ from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker, shard_exists
+from vaeforge.sampling import load_gmm
 from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + ledger.jsonl: what makes a re-run a resume
@@ -72,17 +73,25 @@ def plan_shards(cfg: GenerateConfig) -> list[ShardTask]:
     ]
 
 
-def _plan_record(cfg: GenerateConfig, sha: str) -> dict[str, Any]:
-    return {"vaeforge_version": __version__, "checkpoint_sha256": sha, **cfg.plan_dict()}
+def sampler_identity(cfg: GenerateConfig, ckpt_dir: str) -> dict[str, Any]:
+    """What the sampler adds to the plan: a fitted mixture decides the bytes as much as the weights do."""
+    if cfg.sampler != "gmm":
+        return {}
+    gmm = load_gmm(ckpt_dir)
+    return {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta}
 
 
-def prepare_output(cfg: GenerateConfig, sha: str) -> dict[int, dict[str, Any]]:
+def _plan_record(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[str, Any]:
+    return {"vaeforge_version": __version__, "checkpoint_sha256": sha, **sampler, **cfg.plan_dict()}
+
+
+def prepare_output(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Apply the output-dir rules; returns the ledger of shards already done (empty for a fresh run)."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a directory")
     state = out / STATE_DIR
-    plan = _plan_record(cfg, sha)
+    plan = _plan_record(cfg, sha, sampler)
     if out.is_dir() and any(out.iterdir()):
         previous = _read_json(state / "plan.json")
         if cfg.overwrite:
@@ -176,7 +185,8 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
     load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
-    done = prepare_output(cfg, sha)
+    sampler = sampler_identity(cfg, ckpt_dir)
+    done = prepare_output(cfg, sha, sampler)
     tasks = plan_shards(cfg)
     todo = [t for t in tasks if t.index not in done]
     if todo:  # the shard set is about to change: nothing may claim completeness until the manifest is new
@@ -202,7 +212,7 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
         ledger.close()
     wall = time.perf_counter() - t0
     seconds = stats.get("generate_seconds", wall)
-    _write_manifest(cfg, ckpt_dir, sha, tasks, ledger.done)
+    _write_manifest(cfg, ckpt_dir, sha, sampler, tasks, ledger.done)
     made = sum(ledger.done[t.index]["count"] for t in todo)
     result = GenerateResult(
         Path(cfg.output), len(tasks), made, sum(r["bytes"] for r in ledger.done.values()), seconds, len(done)
@@ -219,7 +229,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _write_manifest(cfg: GenerateConfig, ckpt_dir: str, sha: str, tasks: list[ShardTask], done: dict) -> None:
+def _write_manifest(
+    cfg: GenerateConfig, ckpt_dir: str, sha: str, sampler: dict, tasks: list[ShardTask], done: dict
+) -> None:
     shards = [
         {
             k: done[t.index].get(k)
@@ -233,6 +245,7 @@ def _write_manifest(cfg: GenerateConfig, ckpt_dir: str, sha: str, tasks: list[Sh
         "vaeforge_version": __version__,
         "checkpoint": ckpt_dir,
         "checkpoint_sha256": sha,
+        **sampler,
         "config": cfg.plan_dict(),
         "seed": cfg.seed,
         "count": cfg.count,

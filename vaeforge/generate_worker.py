@@ -19,6 +19,7 @@ from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
 from vaeforge.encode import EncoderPool, encode_image, extension
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
+from vaeforge.sampling import make_sampler
 from vaeforge.writers import make_writer
 
 FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
@@ -37,18 +38,6 @@ def sample_key(shard: int, index: int) -> str:
     return f"{shard:06d}_{index:06d}"
 
 
-def prior_latents(seed: int, shard: int, start: int, n: int, dim: int, temperature: float) -> np.ndarray:
-    """(n, dim) float32 latents; sample i comes from its own generator seeded by (seed, shard, i).
-
-    That makes every sample reproducible from its metadata alone, independent of batching and of which
-    worker ran the shard.
-    """
-    z = np.empty((n, dim), dtype=np.float32)
-    for j in range(n):
-        z[j] = np.random.default_rng([seed, shard, start + j]).standard_normal(dim, dtype=np.float32)
-    return z * np.float32(temperature)
-
-
 class ShardWorker:
     """Decodes latents in batches, encodes on a thread pool while the next batch decodes, writes one shard."""
 
@@ -60,6 +49,7 @@ class ShardWorker:
         loaded = load_vae(checkpoint, map_location=self.device)
         self.decoder = loaded.model.decoder.to(self.device, memory_format=torch.channels_last).eval()
         self.latent_dim = loaded.model.config.latent_dim
+        self.sampler = make_sampler(cfg.sampler, loaded.path, self.latent_dim, cfg.temperature)
         self.cfg, self.checkpoint_id = cfg, checkpoint_id
         self.precision = resolve_precision(cfg.precision, self.device)
         n_encoders = (
@@ -96,7 +86,7 @@ class ShardWorker:
             pending = None  # (start, n, future) of the batch being encoded while the next one decodes
             for start in range(0, task.count, cfg.batch_size):
                 n = min(cfg.batch_size, task.count - start)
-                z = prior_latents(cfg.seed, task.index, start, n, self.latent_dim, cfg.temperature)
+                z = self.sampler(cfg.seed, task.index, start, n)
                 future = self._encode(self.decode(z))
                 if pending is not None:
                     self._write(writer, task, *pending)

@@ -1,0 +1,134 @@
+"""Latent samplers: the prior and the fitted Gaussian mixture recover known answers and are deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vaeforge.checkpoint import load_vae, save_checkpoint
+from vaeforge.config import GenerateConfig, get_preset
+from vaeforge.errors import UserError
+from vaeforge.generate import run_generate
+from vaeforge.generate_worker import ShardTask, ShardWorker
+from vaeforge.model import VAE
+from vaeforge.sampling import GaussianMixture, fit_checkpoint_gmm, fit_gmm, load_gmm, prior_latents
+
+
+def three_blobs(n: int = 900, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points from a known 3-component mixture in 4-D: (x, true means, true weights)."""
+    rng = np.random.default_rng(seed)
+    means = np.array([[0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 5, 0]], dtype=float)
+    weights = np.array([0.5, 0.3, 0.2])
+    comp = rng.choice(3, size=n, p=weights)
+    scales = np.array([1.0, 0.5, 2.0])[comp, None]
+    return means[comp] + scales * rng.standard_normal((n, 4)), means, weights
+
+
+def test_gmm_recovers_a_known_mixture() -> None:
+    x, means, weights = three_blobs()
+    gmm = fit_gmm(x, k=3, seed=0)
+    order = np.argsort([np.argmin(((means - m) ** 2).sum(1)) for m in gmm.means])
+    np.testing.assert_allclose(gmm.means[order], means, atol=0.35)
+    np.testing.assert_allclose(gmm.weights[order], weights, atol=0.05)
+    # the blob with scale 2 has variance ~4 on every axis
+    cov = gmm.chol[order][2] @ gmm.chol[order][2].T
+    np.testing.assert_allclose(np.diag(cov), 4.0, rtol=0.3)
+
+
+def test_gmm_fit_is_deterministic_and_seed_dependent(tmp_path: Path) -> None:
+    x, _, _ = three_blobs()
+    a, b = fit_gmm(x, k=5, seed=1), fit_gmm(x, k=5, seed=1)
+    assert a.sha256() == b.sha256()
+    assert fit_gmm(x, k=5, seed=2).sha256() != a.sha256()
+    a.save(tmp_path / "g.npz")
+    loaded = GaussianMixture.load(tmp_path / "g.npz")
+    assert loaded.sha256() == a.sha256() and loaded.meta == a.meta
+
+
+def test_gmm_samples_follow_the_fit_and_do_not_depend_on_batching() -> None:
+    x, means, weights = three_blobs(n=1500)
+    gmm = fit_gmm(x, k=3, seed=0)
+    whole = gmm.sample(seed=7, shard=2, start=0, n=3000)
+    parts = np.concatenate([gmm.sample(7, 2, 0, 1000), gmm.sample(7, 2, 1000, 2000)])
+    np.testing.assert_array_equal(whole, parts)
+    np.testing.assert_array_equal(gmm.sample(7, 2, 123, 1)[0], whole[123])  # from its metadata alone
+    nearest = np.argmin(((whole[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(np.bincount(nearest, minlength=3) / len(whole), weights, atol=0.04)
+    cold = gmm.sample(7, 2, 0, 3000, temperature=0.1)  # same components, 10x closer to their means
+
+    def spread(z: np.ndarray) -> float:
+        return float(np.sqrt(((z[:, None, :] - gmm.means[None]) ** 2).sum(-1).min(1)).mean())
+
+    assert abs(spread(cold) / spread(whole) - 0.1) < 0.01
+
+
+def test_prior_temperature_scales_the_spread() -> None:
+    z = prior_latents(0, 0, 0, 2000, 8, 1.0)
+    hot = prior_latents(0, 0, 0, 2000, 8, 2.0)
+    np.testing.assert_allclose(hot, 2 * z, rtol=1e-6)
+    assert abs(z.std() - 1) < 0.05
+    np.testing.assert_array_equal(prior_latents(0, 0, 5, 1, 8, 1.0)[0], z[5])
+
+
+# ------------------------------------------------------------------------ the fitted sampler in generate
+
+
+@pytest.fixture
+def fitted_ckpt(tmp_path: Path) -> Path:
+    """A tiny checkpoint with a mixture fitted on 300 random images beside it."""
+    torch.manual_seed(0)
+    model = VAE(get_preset("tiny")).eval()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"epoch": 0, "metrics": {}})
+    images = np.random.default_rng(0).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
+    fit_checkpoint_gmm(ckpt, model, images, k=3, seed=0)
+    return ckpt
+
+
+def test_gmm_generation_regenerates_from_metadata(fitted_ckpt: Path, tmp_path: Path) -> None:
+    cfg = GenerateConfig(
+        checkpoint=str(fitted_ckpt), output=str(tmp_path), count=40, sampler="gmm", precision="fp32"
+    )
+    worker = ShardWorker(str(fitted_ckpt), cfg, 1, "ckpt-id")
+    info = worker.run(ShardTask(3, 40, str(tmp_path / "s.tar")))
+    assert info["count"] == 40
+    sample = next(iter(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode("rgb8")))
+    meta = sample["json"]
+    assert (meta["sampler"], meta["shard"], meta["index"]) == ("gmm", 3, 0)
+    gmm = load_gmm(fitted_ckpt)
+    z = gmm.sample(meta["seed"], meta["shard"], meta["index"], 1)
+    np.testing.assert_array_equal(worker.decode(z)[0], sample["png"])
+
+
+def test_gmm_without_a_fit_says_how_to_fit_one(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", VAE(get_preset("tiny")), {"epoch": 0, "metrics": {}})
+    cfg = GenerateConfig(checkpoint=str(ckpt), output=str(tmp_path), count=1, sampler="gmm")
+    with pytest.raises(UserError, match="vaeforge fit-sampler"):
+        ShardWorker(str(ckpt), cfg, 1, "ckpt-id")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_refit_mixture_is_a_different_plan(fitted_ckpt: Path, tmp_path: Path, ray_session: None) -> None:
+    cfg = GenerateConfig(
+        checkpoint=str(fitted_ckpt),
+        output=str(tmp_path / "out"),
+        count=30,
+        shard_size=10,
+        sampler="gmm",
+        precision="fp32",
+        progress=False,
+    )
+    run_generate(cfg)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["sampler_sha256"] == load_gmm(fitted_ckpt).sha256()
+    assert manifest["sampler_fit"]["k"] == 3
+    model = load_vae(fitted_ckpt).model
+    images = np.random.default_rng(1).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
+    fit_checkpoint_gmm(fitted_ckpt, model, images, k=3, seed=0)  # other data: other mixture
+    with pytest.raises(UserError, match="sampler_sha256"):
+        run_generate(cfg)

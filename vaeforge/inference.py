@@ -1,0 +1,75 @@
+"""Batched inference over uint8 image arrays: posterior means, reconstructions and per-image ELBO terms.
+
+Shared by fit-sampler, evaluate and score, so that all of them see images exactly as training did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from vaeforge.model import VAE, VAEOutput, elbo_loss
+from vaeforge.runtime import to_model_input, to_uint8_hwc
+
+
+def _batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(images), batch_size):
+        yield start, images[start : start + batch_size]
+
+
+def _device(model: VAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def encode_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, latent_dim) float32 posterior means: where the encoder puts each image."""
+    model.eval()
+    out = np.empty((len(images), model.config.latent_dim), dtype=np.float32)
+    for start, batch in _batches(images, batch_size):
+        posterior = model.encoder(to_model_input(torch.from_numpy(np.asarray(batch)), _device(model)))
+        out[start : start + len(batch)] = posterior.mode().float().cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def decode_latents(model: VAE, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, latent_dim) latents -> (N, H, W, 3) uint8 images."""
+    model.eval()
+    out = []
+    for _, batch in _batches(np.asarray(z, dtype=np.float32), batch_size):
+        out.append(to_uint8_hwc(model.decoder(torch.from_numpy(batch).to(_device(model)))).numpy())
+    size = model.config.image_size
+    return np.concatenate(out) if out else np.empty((0, size, size, 3), np.uint8)
+
+
+@torch.inference_mode()
+def reconstruct(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> their reconstructions from the posterior means, (N, H, W, 3) uint8."""
+    return decode_latents(model, encode_means(model, images, batch_size), batch_size)
+
+
+@torch.inference_mode()
+def per_image_elbo(
+    model: VAE, images: np.ndarray, loss: str = "mse", beta: float = 1.0, batch_size: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per-image negative ELBO terms as training defines them (nats), plus pixel MSE of the reconstruction.
+
+    One posterior sample per image from an explicit generator, so the numbers are reproducible.
+
+    Returns:
+        {"loss", "recon", "kl", "mse"}: (N,) float64 arrays.
+    """
+    model.eval()
+    gen = torch.Generator(device=_device(model)).manual_seed(seed)
+    cols: dict[str, list[np.ndarray]] = {"loss": [], "recon": [], "kl": [], "mse": []}
+    for _, batch in _batches(images, batch_size):
+        x = to_model_input(torch.from_numpy(np.asarray(batch)), _device(model))
+        posterior = model.encoder(x)
+        terms = elbo_loss(x, VAEOutput(posterior, model.decoder.logits(posterior.sample(gen))), beta, loss)
+        terms.loss = terms.recon + beta * terms.kl  # per image, not the batch mean the optimiser uses
+        for k in cols:
+            cols[k].append(getattr(terms, k).double().cpu().numpy())
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
