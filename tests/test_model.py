@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -304,3 +305,29 @@ def test_resolve_precision() -> None:
     assert resolve_precision("auto", CPU) == ("bf16" if bf16_is_fast(CPU) else "fp32")
     with pytest.raises(UserError, match="precision"):
         resolve_precision("fp16", CPU)
+
+
+def test_conditional_model_takes_labels_and_adds_only_the_label_weights() -> None:
+    base = get_preset("tiny")
+    cond_cfg = dataclasses.replace(base, num_classes=6)
+    plain, cond = VAE(base), VAE(cond_cfg)
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    # one extra input row per class in the encoder's and the decoder's first dense layer
+    assert count(cond.encoder) - count(plain.encoder) == 6 * base.dense_dim
+    assert count(cond.decoder) - count(plain.decoder) == 6 * base.dense_dim
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 64)
+    y = torch.tensor([0, 1, 2, 5])
+    out = cond.eval()(x, generator=torch.Generator().manual_seed(0), y=y)
+    assert out.logits.shape == (4, 3, 64, 64)
+    z = torch.randn(2, base.latent_dim)
+    a = cond.decoder(z, torch.tensor([0, 0]))
+    b = cond.decoder(z, torch.tensor([3, 3]))
+    assert not torch.allclose(a, b)  # the label changes the image
+    with pytest.raises(ValueError, match="conditional"):
+        cond(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, y=y)

@@ -26,8 +26,13 @@ class ModelConfig:
     leaky_slope: float = 0.02  # the seed's LeakyReLU slope
     dense_dim: int = 1024  # width of the SELU dense layer on both sides of the latent
     latent_dim: int = 512
+    # > 0: a class-conditional VAE (Sohn et al. 2015): a one-hot label joins the encoder's dense input and
+    # the decoder's latent input. 0 keeps the seed's unconditional model and its exact parameter counts.
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_classes < 0:
+            raise UserError(f"num_classes must be >= 0, got {self.num_classes}")
         halvings = len(self.enc_filters) - 1
         if self.image_size % (2**halvings):
             raise UserError(f"image_size {self.image_size} must be divisible by {2**halvings}")

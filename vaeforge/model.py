@@ -34,6 +34,17 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=1)  # (B,)
 
 
+def _with_label(h: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """Append the one-hot label to a conditional model's flat input; an unconditional one takes none."""
+    if num_classes == 0:
+        if y is not None:
+            raise ValueError("this model is unconditional; it takes no labels")
+        return h
+    if y is None:
+        raise ValueError(f"this model is conditional on {num_classes} classes; pass labels y")
+    return torch.cat([h, F.one_hot(y.long(), num_classes).to(h.dtype)], dim=1)  # (B, F + K)
+
+
 def _conv_block(cin: int, cout: int, k: int, stride: int, slope: float) -> nn.Sequential:
     # padding=k//2 gives Keras 'same' output sizes for stride 1 and for stride 2 on even inputs.
     return nn.Sequential(
@@ -62,16 +73,20 @@ class Encoder(nn.Module):
         self.convs = nn.Sequential(
             *[_conv_block(chans[i], chans[i + 1], k, 1 if i == 0 else 2, slope) for i in range(len(filters))]
         )
+        self.num_classes = cfg.num_classes
         flat = filters[-1] * cfg.bottleneck_size**2
         self.dense = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, cfg.dense_dim), nn.BatchNorm1d(cfg.dense_dim), nn.SELU()
+            nn.Flatten(),
+            nn.Linear(flat + cfg.num_classes, cfg.dense_dim),
+            nn.BatchNorm1d(cfg.dense_dim),
+            nn.SELU(),
         )
         self.mean = nn.Linear(cfg.dense_dim, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.dense_dim, cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> DiagonalGaussian:
-        h = self.convs(x)  # (B, 512, 4, 4)
-        h = self.dense(h)  # (B, 1024)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
+        h = self.convs(x).flatten(1)  # (B, 512*4*4)
+        h = self.dense(_with_label(h, y, self.num_classes))  # (B, 1024)
         return DiagonalGaussian(self.mean(h), self.logvar(h))
 
 
@@ -82,8 +97,9 @@ class Decoder(nn.Module):
         super().__init__()
         k, slope = cfg.kernel_size, cfg.leaky_slope
         self.top_channels, self.top_size = cfg.enc_filters[-1], cfg.bottleneck_size
+        self.num_classes = cfg.num_classes
         self.dense = nn.Sequential(
-            nn.Linear(cfg.latent_dim, cfg.dense_dim),
+            nn.Linear(cfg.latent_dim + cfg.num_classes, cfg.dense_dim),
             nn.BatchNorm1d(cfg.dense_dim),
             nn.SELU(),
             nn.Linear(cfg.dense_dim, self.top_channels * self.top_size**2),
@@ -98,14 +114,14 @@ class Decoder(nn.Module):
             nn.BatchNorm2d(cfg.channels),
         )
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.dense(z)  # (B, 8192)
+    def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.dense(_with_label(z, y, self.num_classes))  # (B, 8192)
         h = h.view(-1, self.top_channels, self.top_size, self.top_size)  # (B, 512, 4, 4)
         h = self.deconvs(h)  # (B, 32, 64, 64)
         return self.to_rgb(h)  # (B, 3, 64, 64), pre-sigmoid
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(z))
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z, y))
 
 
 @dataclass
@@ -127,23 +143,30 @@ class VAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        posterior = self.encoder(x)
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, y: torch.Tensor | None = None
+    ) -> VAEOutput:
+        """y: (B,) int class labels, required by a conditional model and refused by an unconditional one."""
+        posterior = self.encoder(x, y)
         z = posterior.sample(generator)  # (B, D)
-        return VAEOutput(posterior, self.decoder.logits(z))
+        return VAEOutput(posterior, self.decoder.logits(z, y))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic reconstruction through the posterior mean."""
-        return self.decoder(self.encoder(x).mode())
+        return self.decoder(self.encoder(x, y).mode(), y)
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = next(self.parameters()).device
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=device) * temperature
-        return self.decoder(z)
+        return self.decoder(z, y)
 
 
 @dataclass
