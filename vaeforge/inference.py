@@ -23,37 +23,61 @@ def _device(model: VAE) -> torch.device:
     return next(model.parameters()).device
 
 
+def _labels(model: VAE, labels: np.ndarray | None, start: int, n: int) -> torch.Tensor | None:
+    """The batch's labels for a conditional model; None for an unconditional one."""
+    if model.config.num_classes == 0:
+        return None
+    if labels is None:
+        raise ValueError("a conditional model needs the images' labels")
+    return torch.as_tensor(np.asarray(labels[start : start + n]), dtype=torch.long, device=_device(model))
+
+
 @torch.inference_mode()
-def encode_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def encode_means(
+    model: VAE, images: np.ndarray, batch_size: int = 256, labels: np.ndarray | None = None
+) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, latent_dim) float32 posterior means: where the encoder puts each image."""
     model.eval()
     out = np.empty((len(images), model.config.latent_dim), dtype=np.float32)
     for start, batch in _batches(images, batch_size):
-        posterior = model.encoder(to_model_input(torch.from_numpy(np.asarray(batch)), _device(model)))
+        x = to_model_input(torch.from_numpy(np.asarray(batch)), _device(model))
+        posterior = model.encoder(x, _labels(model, labels, start, len(batch)))
         out[start : start + len(batch)] = posterior.mode().float().cpu().numpy()
     return out
 
 
 @torch.inference_mode()
-def decode_latents(model: VAE, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(N, latent_dim) latents -> (N, H, W, 3) uint8 images."""
+def decode_latents(
+    model: VAE, z: np.ndarray, batch_size: int = 256, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, latent_dim) latents (+ (N,) labels for a conditional model) -> (N, H, W, 3) uint8 images."""
     model.eval()
     out = []
-    for _, batch in _batches(np.asarray(z, dtype=np.float32), batch_size):
-        out.append(to_uint8_hwc(model.decoder(torch.from_numpy(batch).to(_device(model)))).numpy())
+    for start, batch in _batches(np.asarray(z, dtype=np.float32), batch_size):
+        y = _labels(model, labels, start, len(batch))
+        out.append(to_uint8_hwc(model.decoder(torch.from_numpy(batch).to(_device(model)), y)).numpy())
     size = model.config.image_size
     return np.concatenate(out) if out else np.empty((0, size, size, 3), np.uint8)
 
 
 @torch.inference_mode()
-def reconstruct(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def reconstruct(
+    model: VAE, images: np.ndarray, batch_size: int = 256, labels: np.ndarray | None = None
+) -> np.ndarray:
     """(N, H, W, 3) uint8 -> their reconstructions from the posterior means, (N, H, W, 3) uint8."""
-    return decode_latents(model, encode_means(model, images, batch_size), batch_size)
+    z = encode_means(model, images, batch_size, labels)
+    return decode_latents(model, z, batch_size, labels)
 
 
 @torch.inference_mode()
 def per_image_elbo(
-    model: VAE, images: np.ndarray, loss: str = "mse", beta: float = 1.0, batch_size: int = 256, seed: int = 0
+    model: VAE,
+    images: np.ndarray,
+    loss: str = "mse",
+    beta: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-image negative ELBO terms as training defines them (nats), plus pixel MSE of the reconstruction.
 
@@ -65,10 +89,11 @@ def per_image_elbo(
     model.eval()
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
     cols: dict[str, list[np.ndarray]] = {"loss": [], "recon": [], "kl": [], "mse": []}
-    for _, batch in _batches(images, batch_size):
+    for start, batch in _batches(images, batch_size):
         x = to_model_input(torch.from_numpy(np.asarray(batch)), _device(model))
-        posterior = model.encoder(x)
-        terms = elbo_loss(x, VAEOutput(posterior, model.decoder.logits(posterior.sample(gen))), beta, loss)
+        y = _labels(model, labels, start, len(batch))
+        posterior = model.encoder(x, y)
+        terms = elbo_loss(x, VAEOutput(posterior, model.decoder.logits(posterior.sample(gen), y)), beta, loss)
         terms.loss = terms.recon + beta * terms.kl  # per image, not the batch mean the optimiser uses
         for k in cols:
             cols[k].append(getattr(terms, k).double().cpu().numpy())
