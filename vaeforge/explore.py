@@ -1,4 +1,4 @@
-"""Latent-space pictures and edits: interpolations, traversals of the most active dimensions, attribute vectors.
+"""Latent-space pictures and edits: interpolations, traversals of the most active dims, attribute vectors.
 
 The seed design names reconstruction, interpolation and attribute modification among a VAE's uses; these
 functions turn a model and real images into the (N, H, W, 3) uint8 tiles the report lays out in grids.
