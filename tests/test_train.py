@@ -192,3 +192,32 @@ def test_user_folder_with_classes_and_a_corrupt_file(tmp_path: Path, cache_dir: 
     assert [r["epoch"] for r in rows] == [1] and math.isfinite(rows[0]["val_loss"])
     meta = json.loads((list_checkpoints(run)[-1] / "meta.json").read_text())
     assert meta["data"]["classes"] == ["cats", "dogs"]
+
+
+@pytest.mark.timeout(300)
+def test_conditional_run_learns_the_classes_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "run"
+    train(run, cache_dir, "--conditional", "--epochs", "1")
+    loaded = load_vae(run)
+    assert loaded.model.config.num_classes == 6  # the built-in shapes' classes
+    assert json.loads((run / "run.json").read_text())["config"]["model"]["num_classes"] == 6
+    z = torch.zeros(2, loaded.model.config.latent_dim)
+    with torch.no_grad():
+        images = loaded.model.eval().decoder(z, torch.tensor([0, 3]))
+    assert not torch.allclose(images[0], images[1])  # same latent, different class, different image
+    train(run, cache_dir, "--conditional", "--epochs", "2", "--resume")
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+
+
+@pytest.mark.timeout(120)
+def test_conditional_needs_labels(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "flat"
+    for i in range(40):
+        write_png(data / f"{i:03d}.png", np.full((8, 8, 3), i * 5, np.uint8))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, "--cache-dir", str(cache_dir), "--data", str(data), "--conditional",
+              "--output", str(tmp_path / "run")])  # fmt: skip
+    assert exc.value.code == 2
+    assert "--conditional needs labeled data" in capsys.readouterr().err

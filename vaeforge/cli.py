@@ -51,6 +51,9 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     beta: float = typer.Option(1.0, help="Weight of the KL term (1.0 is the true ELBO)."),
     recon_loss: str = typer.Option("mse", help=f"Reconstruction term: {', '.join(RECON_LOSSES)}."),
+    conditional: bool = typer.Option(
+        False, "--conditional", help="Condition on the data's class labels (generate --classes then works)."
+    ),
     seed: int = typer.Option(0, help="Seed for init, shuffling, the split and the noise."),
     precision: str = typer.Option(
         "auto", help=f"{'|'.join(PRECISIONS)}; auto uses bf16 where hardware runs it."
@@ -86,6 +89,7 @@ def train(
         lr=lr,
         beta=beta,
         recon_loss=recon_loss,
+        conditional=conditional,
         seed=seed,
         precision=precision,
         use_gpu=gpus,

@@ -88,6 +88,8 @@ class TrainConfig:
     lr: float = 1e-3  # Adam default that trains this VAE stably with BatchNorm everywhere
     beta: float = 1.0  # weight of the KL term; 1.0 is the true ELBO
     recon_loss: str = "mse"
+    # Condition encoder and decoder on the data's class labels (model.num_classes is set from the data).
+    conditional: bool = False
     seed: int = 0
     precision: str = "auto"
     workers: int = 1

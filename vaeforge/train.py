@@ -64,7 +64,7 @@ def prepare_output(cfg: TrainConfig) -> dict[str, Any] | None:
                 f"cannot resume {out}: its {RUN_FILE} is missing or damaged ({type(e).__name__}); "
                 "pass --overwrite to start a new run there"
             ) from None
-        if model != cfg.model:
+        if dataclasses.replace(model, num_classes=0) != dataclasses.replace(cfg.model, num_classes=0):
             raise UserError(f"{out} was trained with a different model config; resume with the same --preset")
         return previous
     if has_run and not cfg.overwrite:
@@ -98,6 +98,19 @@ def load_data(cfg: TrainConfig) -> ImageSet:
         builtin_count=cfg.builtin_count,
         seed=cfg.seed,
     )
+
+
+def with_classes(cfg: TrainConfig, data: ImageSet) -> TrainConfig:
+    """A conditional run's model learns the data's classes; every image needs a label."""
+    if not cfg.conditional:
+        return cfg
+    if not data.class_names:
+        raise UserError(f"--conditional needs labeled data and {data.report['source']} has no labels")
+    unlabeled = int((data.labels < 0).sum())
+    if unlabeled:
+        raise UserError(f"--conditional needs a label for every image; {unlabeled} images have none")
+    model = dataclasses.replace(cfg.model, num_classes=len(data.class_names))
+    return dataclasses.replace(cfg, model=model)
 
 
 def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], previous: dict | None) -> None:
@@ -140,6 +153,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
     notify = progress or (lambda event: None)
     notify({"kind": "data", "source": cfg.data or "builtin"})
     data = load_data(cfg)
+    cfg = with_classes(cfg, data)
     train_idx, val_idx = split_indices(len(data.images), cfg)
     split = {"train": len(train_idx), "val": len(val_idx)}
     write_run_file(cfg, data, split, previous)
@@ -159,6 +173,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
         "train": cfg.to_dict(),
         # One copy in the object store; every worker on a node maps the same shared memory.
         "images": ray.put(np.ascontiguousarray(data.images)),
+        "labels": ray.put(data.labels),
         "train_idx": ray.put(train_idx),
         "val_idx": ray.put(val_idx),
         "data_stats": data_stats,

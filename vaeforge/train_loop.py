@@ -65,6 +65,13 @@ def _restore(model: VAE, opt: torch.optim.Optimizer, resume_from: str | None) ->
     return LoopState(**trainer["loop_state"])
 
 
+def _labels(
+    labels: np.ndarray, idx: np.ndarray, cfg: TrainConfig, device: torch.device
+) -> torch.Tensor | None:
+    """The batch's class labels for a conditional model, None for the seed's unconditional one."""
+    return torch.from_numpy(labels[idx]).to(device) if cfg.model.num_classes else None
+
+
 def _batch_indices(
     order: np.ndarray, train_idx: np.ndarray, step: int, cfg: TrainConfig, rank: int
 ) -> np.ndarray:
@@ -75,7 +82,7 @@ def _batch_indices(
 
 @torch.no_grad()
 def _validate(
-    model: VAE, images: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, ctx: dict
+    model: VAE, images: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, ctx: dict
 ) -> dict[str, float]:
     """Held-out ELBO, MSE and PSNR, each rank on its slice, summed across ranks."""
     model.eval()
@@ -85,8 +92,9 @@ def _validate(
     g = noise_generator(device, cfg.seed, 1, rank)  # same noise every epoch: epochs compare fairly
     for i in range(0, len(mine), 256):
         x = to_model_input(torch.from_numpy(images[mine[i : i + 256]]), device)
+        y = _labels(labels, mine[i : i + 256], cfg, device)
         with autocast(ctx["precision"], device):
-            out = model(x, generator=g)
+            out = model(x, generator=g, y=y)
         t = elbo_loss(x, out, cfg.beta, cfg.recon_loss)
         per_image = torch.stack([t.recon + cfg.beta * t.kl, t.recon, t.kl, t.mse, psnr(t.mse)])
         sums += per_image.double().sum(dim=1).cpu()
@@ -101,17 +109,28 @@ def _validate(
 
 
 def _write_pictures(
-    model: VAE, images: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, ctx: dict, epoch: int
+    model: VAE,
+    images: np.ndarray,
+    labels: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    ctx: dict,
+    epoch: int,
 ) -> None:
-    """Rank 0: a grid of prior samples (fixed latents, so epochs compare) and a reconstruction grid."""
+    """Rank 0: a grid of prior samples (fixed latents, so epochs compare) and a reconstruction grid.
+
+    A conditional model's sample grid has one class per row.
+    """
     model.eval()
-    device, n = ctx["device"], cfg.grid_size**2
+    device, n, k = ctx["device"], cfg.grid_size**2, cfg.model.num_classes
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     z = torch.randn(n, cfg.model.latent_dim, generator=g, device=device)
+    y = (torch.arange(n, device=device) // cfg.grid_size) % k if k else None
     with torch.no_grad(), autocast(ctx["precision"], device):
-        samples = to_uint8_hwc(model.decoder(z)).numpy()
+        samples = to_uint8_hwc(model.decoder(z, y)).numpy()
         real = images[val_idx[: n // 2]]
-        recon = to_uint8_hwc(model.reconstruct(to_model_input(torch.from_numpy(real), device))).numpy()
+        x = to_model_input(torch.from_numpy(real), device)
+        recon = to_uint8_hwc(model.reconstruct(x, _labels(labels, val_idx[: n // 2], cfg, device))).numpy()
     model.train()
     out = Path(cfg.output) / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +172,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "precision": resolve_precision(cfg.precision, device),
     }
     ctx["data_stats"] = config["data_stats"]
-    images, train_idx, val_idx = ray.get([config["images"], config["train_idx"], config["val_idx"]])
+    images, labels, train_idx, val_idx = ray.get(
+        [config["images"], config["labels"], config["train_idx"], config["val_idx"]]
+    )
     progress = config.get("progress") if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # identical init on every rank; DDP also broadcasts rank 0's weights
@@ -185,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             x = to_model_input(torch.from_numpy(images[idx]), device)
             g = noise_generator(device, cfg.seed, 0, rank, state.global_step)
             with autocast(ctx["precision"], device):
-                out = ddp(x, generator=g)
+                out = ddp(x, generator=g, y=_labels(labels, idx, cfg, device))
             terms = elbo_loss(x, out, cfg.beta, cfg.recon_loss)
             opt.zero_grad(set_to_none=True)
             terms.loss.backward()
@@ -215,14 +236,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         means = (sums / max(n_steps, 1)).tolist()
         row.update(train_loss=means[0], train_recon=means[1], train_kl=means[2])
         row["train_images_per_s"] = n_steps * cfg.batch_size / train_seconds if n_steps else 0.0
-        row.update(_validate(model, images, val_idx, cfg, ctx))
+        row.update(_validate(model, images, labels, val_idx, cfg, ctx))
         row["epoch_seconds"] = time.perf_counter() - t0
         state.history.append(row)
         state.best_val_loss = min(state.best_val_loss, row["val_loss"])
         state.epoch, state.step = state.epoch + 1, 0
         checkpoint = None
         if rank == 0:
-            _write_pictures(model, images, val_idx, cfg, ctx, row["epoch"])
+            _write_pictures(model, images, labels, val_idx, cfg, ctx, row["epoch"])
             _write_metrics(cfg, state.history)
             checkpoint = _checkpoint(model, opt, state, ctx)
             if progress is not None:
