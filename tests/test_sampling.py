@@ -16,7 +16,16 @@ from vaeforge.errors import UserError
 from vaeforge.generate import run_generate
 from vaeforge.generate_worker import ShardTask, ShardWorker
 from vaeforge.model import VAE
-from vaeforge.sampling import GaussianMixture, fit_checkpoint_gmm, fit_gmm, load_gmm, prior_latents
+from vaeforge.sampling import (
+    GaussianMixture,
+    fit_checkpoint_gmm,
+    fit_gmm,
+    load_gmm,
+    parse_classes,
+    prior_latents,
+    shard_class_quotas,
+    shard_labels,
+)
 
 
 def three_blobs(n: int = 900, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,3 +141,33 @@ def test_a_refit_mixture_is_a_different_plan(fitted_ckpt: Path, tmp_path: Path, 
     fit_checkpoint_gmm(fitted_ckpt, model, images, k=3, seed=0)  # other data: other mixture
     with pytest.raises(UserError, match="sampler_sha256"):
         run_generate(cfg)
+
+
+# ------------------------------------------------------------------------------------ class plans
+
+
+def test_parse_classes() -> None:
+    assert parse_classes("balanced", 3, None, 10) == [4, 3, 3]
+    assert parse_classes("all", 3, [10, 30, 60], 100) == [10, 30, 60]
+    assert parse_classes("all", 3, None, 9) == [3, 3, 3]  # no recorded counts: equal shares
+    assert parse_classes("2:1_000,0:5", 3, None, None) == [5, 0, 1000]
+    for bad in ("7:10", "a:b", "1:10,", "1:-3"):
+        with pytest.raises(UserError, match="--classes"):
+            parse_classes(bad, 3, None, None)
+    with pytest.raises(UserError, match="--count is 99"):
+        parse_classes("1:10", 3, None, 99)
+
+
+def test_shard_quotas_are_exact_and_mixed() -> None:
+    totals = [7, 0, 1000, 13, 280]
+    sizes = [100] * 13 + [0, 0]  # 1,300 samples, two empty tails
+    quotas = shard_class_quotas(totals, [*sizes[:12], 100, 0, 0])
+    assert [sum(q) for q in quotas] == [100] * 13 + [0, 0]
+    assert [sum(col) for col in zip(*quotas, strict=True)] == totals
+    assert all(60 <= q[2] <= 94 for q in quotas[:13])  # every shard holds its share of the big class
+    labels = shard_labels(quotas[0])
+    assert np.bincount(labels, minlength=5).tolist() == list(quotas[0])
+    # interleaved: no run of one class is longer than the big class's share warrants
+    runs = np.diff(np.flatnonzero(np.diff(labels) != 0))
+    assert runs.max() <= 8
+    np.testing.assert_array_equal(shard_labels((2, 0, 2)), [0, 2, 0, 2])

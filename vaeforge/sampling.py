@@ -221,3 +221,82 @@ def fit_checkpoint_gmm(
     gmm.save(tmp)
     tmp.replace(gmm_path(checkpoint_dir))  # a reader never sees half a fit
     return gmm
+
+
+# ------------------------------------------------------------------ class plans for conditional models
+
+
+def parse_classes(
+    spec: str, num_classes: int, class_counts: list[int] | None, count: int | None
+) -> list[int]:
+    """Samples per class for `generate --classes SPEC`.
+
+    Args:
+        spec: "balanced" (equal shares of --count), "all" (--count in the training data's class
+            proportions; equal when the checkpoint did not record them) or "C:N,C:N" (exact counts, e.g.
+            "3:10000,7:5000", to fill up rare classes; --count is then their sum).
+        num_classes: the conditional model's classes.
+        class_counts: training images per class, as the checkpoint recorded them.
+        count: --count; None only with explicit counts.
+
+    Raises:
+        UserError: on a malformed spec, an unknown class or a --count that contradicts explicit counts.
+    """
+    if spec in ("balanced", "all"):
+        if count is None:
+            raise UserError(f"--classes {spec} needs --count")
+        weights = np.ones(num_classes)
+        if spec == "all" and class_counts and len(class_counts) == num_classes and sum(class_counts) > 0:
+            weights = np.asarray(class_counts, dtype=float)
+        return _largest_remainder(count, weights)
+    totals = [0] * num_classes
+    try:
+        for part in spec.split(","):
+            c, n = (int(v.replace("_", "")) for v in part.split(":"))
+            if not 0 <= c < num_classes or n < 0:
+                raise UserError(f"--classes {part!r}: class must be in 0..{num_classes - 1}, count >= 0")
+            totals[c] += n
+    except ValueError:
+        raise UserError(
+            f"--classes must be all, balanced or CLASS:COUNT,... (e.g. 3:10000), got {spec!r}"
+        ) from None
+    if sum(totals) == 0 or (count is not None and count != sum(totals)):
+        raise UserError(f"--classes {spec} asks for {sum(totals):,} samples but --count is {count:,}")
+    return totals
+
+
+def _largest_remainder(total: int, weights: np.ndarray) -> list[int]:
+    """Split `total` in proportion to `weights` into integers that sum to it exactly (Hamilton's method)."""
+    ideal = total * weights / weights.sum()
+    out = np.floor(ideal).astype(np.int64)
+    order = np.argsort(-(ideal - out), kind="stable")  # ties: lower class index first
+    out[order[: total - int(out.sum())]] += 1
+    return out.tolist()
+
+
+def shard_class_quotas(totals: list[int], shard_sizes: list[int]) -> list[tuple[int, ...]]:
+    """Per-shard samples of each class: rows sum to the shard sizes, columns to the class totals, exactly.
+
+    Each shard takes its proportional share of what is still unassigned (floors, then the largest
+    remainders), so every shard mixes the classes like the whole run does: a loader's shuffle buffer
+    then never sees a one-class stretch.
+    """
+    remaining, left = np.asarray(totals, dtype=np.int64), int(sum(totals))
+    out = []
+    for size in shard_sizes:
+        ideal = size * remaining / left if left else np.zeros(len(remaining))
+        quota = np.minimum(np.floor(ideal).astype(np.int64), remaining)
+        order = np.argsort(-(ideal - quota), kind="stable")
+        extra = [c for c in order if quota[c] < remaining[c]][: size - int(quota.sum())]
+        quota[extra] += 1
+        out.append(tuple(int(q) for q in quota))
+        remaining, left = remaining - quota, left - size
+    return out
+
+
+def shard_labels(quota: tuple[int, ...]) -> np.ndarray:
+    """(sum(quota),) int64 labels of one shard's samples, interleaved evenly (Sainte-Lague order):
+    item k of class c sits at fractional position (k + 0.5) / quota[c], ties by class index."""
+    pos = np.concatenate([(np.arange(q) + 0.5) / q for q in quota if q]) if any(quota) else np.empty(0)
+    cls = np.concatenate([np.full(q, c) for c, q in enumerate(quota) if q]) if any(quota) else np.empty(0)
+    return cls[np.lexsort((cls, pos))].astype(np.int64)
