@@ -244,6 +244,16 @@ def iter_files(location: str, recursive: bool = True) -> Iterator[Entry]:
             yield Entry(base + i.path[len(path) :], i.size, i.mtime_ns or 0)
 
 
+def is_empty(location: str) -> bool:
+    """True for a missing or empty directory (locally an empty sub-folder counts as content)."""
+    if not is_uri(location):
+        if not os.path.isdir(location):
+            return True
+        with os.scandir(location) as entries:
+            return not any(entries)
+    return next(iter_files(location), None) is None
+
+
 def list_files(location: str, recursive: bool = True) -> list[Entry]:
     """iter_files, sorted by location."""
     return sorted(iter_files(location, recursive), key=lambda e: e.location)
@@ -394,7 +404,8 @@ def delete_tree(location: str) -> None:
 
 
 def download(location: str, local_path: str | os.PathLike[str]) -> None:
-    """Copy one remote file to a local path."""
+    """Copy one remote file to a local path, creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
     fs, path = filesystem(location)
     with remote_errors(location):
         pafs.copy_files(path, os.fspath(local_path), source_filesystem=fs)
