@@ -8,8 +8,12 @@ read from a local copy cached by URI, size and mtime.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +127,35 @@ def local_checkpoint(path: str | Path, which: str = "best") -> tuple[str, Path]:
     A local checkpoint is used where it is; a remote one is downloaded once into the cache.
     """
     location, weights = _resolve(path, which)
-    return location, storage.local_copy(location, (weights, META_FILE)) / weights
+    return location, _cached_copy(location, (weights, META_FILE)) / weights
+
+
+def _cached_copy(directory: str, names: tuple[str, ...]) -> Path:
+    """A local directory holding `names` from `directory`: the directory itself when it is local, else a
+    cached download keyed by the location and each file's size and mtime (a rewritten file misses).
+
+    Concurrent callers on one node (several actors) each download into a temp dir and rename it into
+    place; the first rename wins and the others drop their copy.
+    """
+    if not storage.is_uri(directory):
+        return Path(directory)
+    entries = [storage.info(storage.join(directory, n)) for n in names]
+    present = [e for e in entries if e is not None]
+    stamp = "\n".join([directory, *(f"{e.name}\0{e.size}\0{e.mtime_ns}" for e in present)])
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    target = storage.default_cache_dir() / "remote" / key / storage.basename(directory)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        for e in present:
+            storage.download(e.location, tmp / e.name)
+        with contextlib.suppress(OSError):  # lost the race: the winner's copy is identical
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_vae(

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import posixpath
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,31 +415,3 @@ def default_cache_dir() -> Path:
         return Path(os.environ["VAEFORGE_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vaeforge"
-
-
-def local_copy(directory: str, names: tuple[str, ...]) -> Path:
-    """A local directory holding `names` from `directory`: the directory itself when it is local, else a
-    cached download keyed by the location and each file's size and mtime (a rewritten file misses).
-
-    Concurrent callers on one node (several actors) each download into a temp dir and rename it into
-    place; the first rename wins and the others drop their copy.
-    """
-    if not is_uri(directory):
-        return Path(directory)
-    entries = [info(join(directory, n)) for n in names]
-    present = [e for e in entries if e is not None]
-    stamp = "\n".join([directory, *(f"{e.name}\0{e.size}\0{e.mtime_ns}" for e in present)])
-    key = hashlib.sha256(stamp.encode()).hexdigest()[:32]
-    target = default_cache_dir() / "remote" / key / basename(directory)
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        for e in present:
-            download(e.location, tmp / e.name)
-        with contextlib.suppress(OSError):  # lost the race: the winner's copy is identical
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
