@@ -212,7 +212,7 @@ def test_train_from_and_to_s3_then_resume(s3_prefix: str, tmp_path: Path, monkey
     assert latest.meta["epoch"] == 2 and latest.meta["global_step"] == 2 * rows[0]["global_step"]
 
 
-def generate_args(ckpt: Path, out: str, count: int, shard: int, *extra: str) -> list[str]:
+def generate_args(ckpt: Path | str, out: str, count: int, shard: int, *extra: str) -> list[str]:
     common = ["--count", str(count), "--shard-size", str(shard), "--precision", "fp32", "--workers", "2"]
     return ["generate", "--checkpoint", str(ckpt), "--output", out, *common, *extra]
 
@@ -256,16 +256,26 @@ def test_generate_to_s3_reads_back_and_matches_local(
 def test_interrupted_generate_on_s3_resumes_to_the_same_bytes(
     s3_prefix: str,
     tiny_ckpt: Path,
+    tmp_path: Path,
     inject_failure: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Shard 1 keeps failing, so the one-actor run stops with shard 0 done; a shard object without a done
-    record (what a driver killed between upload and record leaves) is redone, not trusted."""
+    record (what a driver killed between upload and record leaves) is redone, not trusted. The
+    checkpoint is remote too: driver and actors read it through their cached copies."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VAEFORGE_CACHE", str(cache))  # reaches the actors through runtime_env
+    ckpt = storage.join(s3_prefix, "ckpt")
+    for name in ("model.pt", "meta.json"):
+        storage.upload_file(str(tiny_ckpt / name), storage.join(ckpt, name))
     straight, out = storage.join(s3_prefix, "straight"), storage.join(s3_prefix, "resumed")
-    run_cli(generate_args(tiny_ckpt, straight, 300, 100))
+    run_cli(generate_args(ckpt, straight, 300, 100))
+    (copy,) = (cache / "remote").iterdir()
+    assert {p.name for p in (copy / "ckpt").iterdir()} == {"model.pt", "meta.json"}
+
     inject_failure("1")
-    line = user_error(generate_args(tiny_ckpt, out, 300, 100, "--max-retries", "0", "--workers", "1"), capsys)
+    line = user_error(generate_args(ckpt, out, 300, 100, "--max-retries", "0", "--workers", "1"), capsys)
     assert "shard 1 " in line
     done_dir = storage.join(out, ".vaeforge", "done")
     assert [e.name for e in storage.list_files(done_dir)] == ["000000.json"]
@@ -274,7 +284,8 @@ def test_interrupted_generate_on_s3_resumes_to_the_same_bytes(
     storage.write_bytes(storage.join(out, "samples-000001.tar"), b"half a shard")  # no done record
 
     monkeypatch.undo()  # no more injected failures
-    run_cli(generate_args(tiny_ckpt, out, 300, 100))
+    monkeypatch.setenv("VAEFORGE_CACHE", str(cache))
+    run_cli(generate_args(ckpt, out, 300, 100))
     assert s3_objects(out) == s3_objects(straight)
     after = {e.name: e.mtime_ns for e in storage.list_files(out, recursive=False)}
     assert all(after[name] == mtime for name, mtime in kept.items())  # done shards were not rewritten

@@ -339,7 +339,9 @@ def _retry(task: ShardTask, cfg: GenerateConfig, why: str) -> ShardTask:
 def _raise_if_disk_full(e: Exception, task: ShardTask, cfg: GenerateConfig) -> None:
     cause = getattr(e, "cause", None)
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        # a remote output is staged on the worker's own disk first: that is the disk that filled up
+        where = f"a worker's temp dir ({cause.filename})" if storage.is_uri(cfg.output) else cfg.output
         raise UserError(
-            f"disk full while writing shard {task.index} to {cfg.output}; completed shards are kept and "
+            f"disk full while writing shard {task.index} to {where}; completed shards are kept and "
             "nothing partial is marked done: free space and re-run the same command to resume"
         )

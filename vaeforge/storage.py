@@ -40,6 +40,7 @@ FORWARDED_ENV = (
     "AWS_EC2_METADATA_DISABLED",
     "AWS_CA_BUNDLE",
     "GOOGLE_APPLICATION_CREDENTIALS",
+    "VAEFORGE_CACHE",  # not a credential: where workers keep their copies of remote checkpoints
 )
 READ_BUFFER = 8 << 20  # sequential reads (tar shards) from object stores: few large GETs, not many small
 
