@@ -178,6 +178,8 @@ def require_bucket(location: str) -> None:
         return
     fs, path = filesystem(location)
     root = path.split("/", 1)[0]
+    if not root:  # file:///..., hdfs:///...: rooted paths, no bucket to check
+        return
     with remote_errors(location):
         info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -336,16 +338,32 @@ def makedirs(location: str) -> None:
         os.makedirs(location, exist_ok=True)
 
 
-def _put(location: str, data: Any) -> None:
-    """One object from complete bytes, in a single write.
+OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow type names of stores where an upload is all or nothing
 
-    Arrow's S3 stream completes the upload when it is closed, also when an exception closes it, so a
-    stream must never see a partial file. With everything in one write() the only failure left is the
-    upload itself, which Arrow then refuses to complete: the key holds the whole object or nothing.
+
+def _put(location: str, data: Any) -> None:
+    """Write complete bytes to a remote location so that it holds the whole of them or its old content.
+
+    Object stores: one object, in a single write. Arrow's S3 stream completes the upload when it is
+    closed, also when an exception closes it, so a stream must never see a partial file; with everything
+    in one write() the only failure left is the upload itself, which Arrow then refuses to complete.
+    Filesystems with directories (file://, hdfs://): a temp name beside it, then a rename.
     """
     fs, path = filesystem(location)
-    with remote_errors(location), fs.open_output_stream(path) as out:
-        out.write(data)
+    with remote_errors(location):
+        if fs.type_name in OBJECT_STORES:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+            return
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(tmp)
 
 
 def write_bytes(location: str, data: bytes) -> None:
