@@ -1,13 +1,31 @@
-"""Shared fixtures: one local Ray instance for every Ray test, started on first use, shut down at the end."""
+"""Shared fixtures: one local Ray instance for every Ray test, one S3-compatible server (moto) for every
+remote-storage test, each started on first use and stopped at the end; fault injection for generate."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
+
+S3_BUCKET = "vaeforge-test"
+# Runs in its own process: an Arrow S3 call that blocks holding the GIL (a stream's destructor does)
+# would starve a server thread in the same process until the request times out.
+_MOTO_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the test session closes our stdin
+server.stop()
+"""
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +61,76 @@ def ray_session() -> Iterator[None]:
         finally:
             ray.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """moto's S3 server on loopback with one empty bucket; yields "s3://BUCKET".
+
+    The AWS_* variables stay set for the rest of the session. They are set after the shared Ray may have
+    started, so Ray's workers see them only if vaeforge forwards them (runtime_env), as it must on a
+    real cluster too. AWS_EC2_METADATA_DISABLED keeps the AWS SDK from probing the instance metadata
+    address for credentials.
+    """
+    import pyarrow.fs as pafs
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(server.stdout.readline())  # type: ignore[union-attr]
+        endpoint = f"http://127.0.0.1:{port}"
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+                env.delenv(name, raising=False)
+            env.setenv("AWS_ENDPOINT_URL", endpoint)
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            fs = pafs.S3FileSystem(
+                endpoint_override=endpoint,
+                access_key="testing",
+                secret_key="testing",
+                region="us-east-1",
+                allow_bucket_creation=True,
+            )
+            fs.create_dir(S3_BUCKET)
+            yield f"s3://{S3_BUCKET}"
+    finally:
+        server.stdin.close()  # type: ignore[union-attr]
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def s3_prefix(s3_bucket: str, request: pytest.FixtureRequest) -> str:
+    """A fresh prefix in the test bucket for one test: s3://BUCKET/TEST-NAME-RANDOM."""
+    return f"{s3_bucket}/{request.node.name.replace('[', '-').strip(']')}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def inject_failure(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make VAEFORGE_INJECT_FAILURE reach the actors of the *shared* Ray.
+
+    Ray workers inherit the raylet's environment, fixed when the shared Ray started, so setting the
+    variable in this process now reaches no actor (checked: a task reads None). Ray's per-actor
+    runtime_env carries it instead; the driver passes the actor resources from _worker_plan to
+    `.options(...)`, so wrapping that adds the env var without touching the product's control flow.
+    """
+    import vaeforge.generate as generate_mod
+    from vaeforge.generate_worker import FAILURE_ENV
+
+    def inject(spec: str) -> None:
+        real = generate_mod._worker_plan
+
+        def plan(cfg: object) -> tuple:
+            n, resources, threads = real(cfg)  # type: ignore[arg-type]
+            return n, {**resources, "runtime_env": {"env_vars": {FAILURE_ENV: spec}}}, threads
+
+        monkeypatch.setattr(generate_mod, "_worker_plan", plan)
+
+    return inject

@@ -104,7 +104,9 @@ def shards(out: Path) -> dict[str, bytes]:
 
 
 def ledger(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / ".vaeforge" / "ledger.jsonl").read_text().splitlines()]
+    """The shards' done records (.vaeforge/done/NNNNNN.json), with their shard names made full paths."""
+    records = [json.loads(p.read_text()) for p in sorted((out / ".vaeforge" / "done").glob("*.json"))]
+    return [{**r, "path": str(out / r["path"])} for r in records]
 
 
 def temp_files(out: Path) -> list[Path]:
@@ -347,11 +349,11 @@ def test_resume_after_sigkill_is_byte_identical(
     argv = cli_argv(ckpt, out, count, size, "--workers", "2", "--batch-size", "50")
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(argv, env=own_ray_env, start_new_session=True, stdout=log, stderr=log)
-    ledger_file = out / ".vaeforge" / "ledger.jsonl"
+    done_dir = out / ".vaeforge" / "done"
     deadline = time.monotonic() + 200
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if ledger_file.is_file() and len(ledger_file.read_text().splitlines()) >= 3:
+            if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 3:
                 break
             time.sleep(0.01)
         assert proc.poll() is None, (
@@ -387,28 +389,6 @@ def test_resume_after_sigkill_is_byte_identical(
 
 
 # ------------------------------------------------------------------------------- 5: injected failures
-
-
-@pytest.fixture
-def inject_failure(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
-    """Make VAEFORGE_INJECT_FAILURE reach the actors of the *shared* Ray.
-
-    Ray workers inherit the raylet's environment, fixed when the shared Ray started, so setting the
-    variable in this process now reaches no actor (checked: a task reads None). Ray's per-actor
-    runtime_env carries it instead; the driver passes the actor resources from _worker_plan to
-    `.options(...)`, so wrapping that adds the env var without touching the product's control flow.
-    """
-
-    def inject(spec: str) -> None:
-        real = generate_mod._worker_plan
-
-        def plan(cfg: GenerateConfig) -> tuple:
-            n, resources, threads = real(cfg)
-            return n, {**resources, "runtime_env": {"env_vars": {FAILURE_ENV: spec}}}, threads
-
-        monkeypatch.setattr(generate_mod, "_worker_plan", plan)
-
-    return inject
 
 
 @pytest.mark.ray

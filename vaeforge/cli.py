@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -41,9 +40,13 @@ out = Console(soft_wrap=True)  # paths stay whole when piped, for copy and paste
 def train(
     data: str = typer.Option(
         None,
-        help="Image folder, WebDataset .tar shards (path, glob, braces) or Parquet; default: built-in.",
+        help="Image folder, WebDataset .tar shards (path, glob, braces) or Parquet, local or a URI "
+        "(s3://, gs://, ...); default: built-in.",
     ),
-    output: Path = typer.Option(Path("runs/train"), help="Run directory: checkpoints, metrics, pictures."),
+    # Locations are strings, not Paths: Path("s3://b/x") would turn into "s3:/b/x".
+    output: str = typer.Option(
+        "runs/train", help="Run directory (local or a URI): checkpoints, metrics, pictures."
+    ),
     preset: str = typer.Option("seed64", help="Model preset: seed64 (the design's VAE) or tiny."),
     workers: int = typer.Option(1, help="Ray Train workers (DDP ranks)."),
     epochs: int = typer.Option(10, help="Epochs to train in total (a resumed run continues up to this)."),
@@ -79,7 +82,7 @@ def train(
 ) -> None:
     """Train the VAE with Ray Train (DDP over --workers), writing checkpoints, metrics and pictures."""
     cfg = TrainConfig(
-        output=str(output),
+        output=output,
         model=get_preset(preset),
         preset=preset,
         data=data,
@@ -104,6 +107,7 @@ def train(
         overwrite=overwrite,
     )
     from vaeforge.progress import TrainDisplay
+    from vaeforge.storage import join
     from vaeforge.train import run_training
 
     display = TrainDisplay(err)
@@ -115,8 +119,8 @@ def train(
     out.print(f"[bold green]done[/]: run in {result.output}")
     out.print(f"  best checkpoint   {result.best_checkpoint}")
     out.print(f"  latest checkpoint {result.latest_checkpoint}")
-    out.print(f"  metrics           {result.output / 'metrics.jsonl'}")
-    out.print(f"  pictures          {result.output / 'samples'}")
+    out.print(f"  metrics           {join(result.output, 'metrics.jsonl')}")
+    out.print(f"  pictures          {join(result.output, 'samples')}")
     if last:
         out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
 
@@ -124,11 +128,11 @@ def train(
 @app.command()
 def generate(
     checkpoint: str = typer.Option(
-        ..., help="Run directory (its best checkpoint), checkpoint directory or model.pt."
+        ..., help="Run directory (its best checkpoint), checkpoint directory or model.pt; local or a URI."
     ),
     count: str = typer.Option(..., help="Images to generate: 1e6, 1000000 or 1_000_000."),
-    output: Path = typer.Option(
-        Path("runs/generated"), help="Directory for the shards, _manifest.json and _SUCCESS."
+    output: str = typer.Option(
+        "runs/generated", help="Directory (local or a URI) for the shards, _manifest.json and _SUCCESS."
     ),
     format: str = typer.Option("webdataset", help=f"Output format: {', '.join(OUTPUT_FORMATS)}."),
     image_format: str = typer.Option(
@@ -161,7 +165,7 @@ def generate(
     """Sample a trained VAE into WebDataset or Parquet shards, exactly once; re-run the command to resume."""
     cfg = GenerateConfig(
         checkpoint=checkpoint,
-        output=str(output),
+        output=output,
         count=parse_count(count),
         format=format,
         image_format=image_format,

@@ -1,8 +1,10 @@
-"""`vaeforge generate` driver: deterministic shard plan, Ray actor pool with our own shard ledger, manifest.
+"""`vaeforge generate` driver: deterministic shard plan, Ray actor pool with our own done records, manifest.
 
-Exactly once: a worker writes each shard under a temp name, fsyncs and renames it; only then does the
-driver append it to the ledger (fsynced). A re-run keeps ledgered shards whose files are intact, redoes
-everything else, and writes _manifest.json and _SUCCESS last.
+Exactly once, locally or on an object store: a worker writes each shard to a local temp file, then
+renames it into place (local) or uploads it as one object (remote); only then does the driver write the
+shard's done record, .vaeforge/done/NNNNNN.json (atomically: rename or one PUT). A re-run keeps shards
+whose record exists and whose file has the recorded size, redoes everything else, and writes
+_manifest.json and _SUCCESS last.
 """
 
 from __future__ import annotations
@@ -12,25 +14,26 @@ import errno
 import hashlib
 import json
 import os
+import re
 import resource
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from vaeforge import __version__
-from vaeforge.checkpoint import MODEL_FILE, load_vae, resolve_checkpoint
+from vaeforge import __version__, storage
+from vaeforge.checkpoint import load_vae, local_checkpoint
 from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
-from vaeforge.generate_worker import ShardTask, ShardWorker, shard_exists
+from vaeforge.generate_worker import ShardTask, ShardWorker
 from vaeforge.sampling import load_gmm
 from vaeforge.writers import clean_stale_temps, shard_name
 
-STATE_DIR = ".vaeforge"  # plan.json + ledger.jsonl: what makes a re-run a resume
+STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
+DONE_DIR = "done"
+_ANY_SHARD = re.compile(r"-\d{6}\.")  # shards of any --prefix
 # Leading underscores: pyarrow, pandas and Ray Data skip such files when they read the directory.
 MANIFEST, SUCCESS = "_manifest.json", "_SUCCESS"
 Progress = Callable[[dict[str, Any]], None]
@@ -38,7 +41,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass
 class GenerateResult:
-    output: Path
+    output: str  # a local path or a URI
     shards: int
     images: int
     bytes: int
@@ -52,22 +55,21 @@ class GenerateResult:
 
 def checkpoint_identity(checkpoint: str) -> tuple[str, str]:
     """(checkpoint directory, sha256 of its model.pt): the provenance every sample and the manifest carry."""
-    d = resolve_checkpoint(checkpoint, "best")
+    location, model_file = local_checkpoint(checkpoint, "best")
     h = hashlib.sha256()
-    with open(d / MODEL_FILE, "rb") as f:
+    with open(model_file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return str(d), h.hexdigest()
+    return location, h.hexdigest()
 
 
 def plan_shards(cfg: GenerateConfig) -> list[ShardTask]:
     """Shard i holds samples 0..count_i-1; every shard is full but the last."""
-    out = Path(cfg.output)
     return [
         ShardTask(
             i,
             min(cfg.shard_size, cfg.count - i * cfg.shard_size),
-            str(out / shard_name(cfg.prefix, i, cfg.format)),
+            storage.join(cfg.output, shard_name(cfg.prefix, i, cfg.format)),
         )
         for i in range(cfg.num_shards)
     ]
@@ -86,14 +88,15 @@ def _plan_record(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict
 
 
 def prepare_output(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Apply the output-dir rules; returns the ledger of shards already done (empty for a fresh run)."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
+    """Apply the output-dir rules; returns the done records of shards already finished (empty if fresh)."""
+    out = cfg.output
+    storage.require_bucket(out)
+    if storage.kind(out) == "file":
         raise UserError(f"--output {out} is a file; give a directory")
-    state = out / STATE_DIR
+    state = storage.join(out, STATE_DIR)
     plan = _plan_record(cfg, sha, sampler)
-    if out.is_dir() and any(out.iterdir()):
-        previous = _read_json(state / "plan.json")
+    if not storage.is_empty(out):
+        previous = _read_json(storage.join(state, "plan.json"))
         if cfg.overwrite:
             _remove_run(out, cfg)
         elif previous is None:
@@ -103,95 +106,85 @@ def prepare_output(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> di
             raise UserError(
                 f"{out} holds a run with a different {', '.join(changed)}; pass --overwrite to replace it"
             )
-    state.mkdir(parents=True, exist_ok=True)
-    _write_json(state / "plan.json", plan)
-    clean_stale_temps(out)
-    return _read_ledger(state / "ledger.jsonl")
+    storage.makedirs(storage.join(state, DONE_DIR))
+    _write_json(storage.join(state, "plan.json"), plan)
+    if not storage.is_uri(out):
+        clean_stale_temps(out)  # remote outputs stage on the workers' disks, cleaned by each worker
+    return _read_done(out)
 
 
-def _remove_run(out: Path, cfg: GenerateConfig) -> None:
+def _remove_run(out: str, cfg: GenerateConfig) -> None:
     """--overwrite removes what a generate run writes, nothing else of the user's."""
-    for p in out.iterdir():
+    for e in storage.iter_files(out, recursive=False):
         if (
-            p.name in (STATE_DIR, MANIFEST, SUCCESS)
-            or p.name.startswith(f"{cfg.prefix}-")
-            or ".tmp" in p.name
+            e.name in (MANIFEST, SUCCESS)
+            or e.name.startswith(f"{cfg.prefix}-")
+            or ".tmp" in e.name
+            or _ANY_SHARD.search(e.name)
         ):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*"):  # shards of an earlier --prefix
-        p.unlink()
+            storage.delete(e.location)
+    storage.delete_tree(storage.join(out, STATE_DIR))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(location: str) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(location))
     except (OSError, ValueError):
         return None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json(location: str, data: dict[str, Any]) -> None:
+    storage.write_bytes(location, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
-def _read_ledger(path: Path) -> dict[int, dict[str, Any]]:
-    """Ledger lines are appended after each commit; a torn last line (killed mid-append) is ignored.
+def _done_location(out: str, index: int) -> str:
+    return storage.join(out, STATE_DIR, DONE_DIR, f"{index:06d}.json")
 
-    Shards are looked up by name in the directory being resumed, not at the recorded path: a run that
-    was moved or copied must not count shards that exist only where it was first written.
+
+def _read_done(out: str) -> dict[int, dict[str, Any]]:
+    """Done records whose shard is in `out` with the recorded size; any other shard is redone.
+
+    Records name shards relative to `out`, and the sizes come from listing `out` itself: a run that was
+    moved or copied must not count shards that exist only where it was first written.
     """
+    sizes = {e.name: e.size for e in storage.iter_files(out, recursive=False)}
     done: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            rec["path"] = str(path.parent.parent / Path(rec["path"]).name)
-            if shard_exists(rec["path"], rec["bytes"]):
-                done[rec["index"]] = rec
+    for entry in storage.list_files(storage.join(out, STATE_DIR, DONE_DIR)):
+        rec = _read_json(entry.location)
+        if rec is not None and sizes.get(rec.get("path")) == rec.get("bytes"):
+            done[rec["index"]] = rec
     return done
 
 
-class Ledger:
-    """Append-only record of committed shards; each line is fsynced before the shard counts as done."""
+class DoneRecords:
+    """One small record per committed shard, written only after the shard itself is in place.
 
-    def __init__(self, path: Path, done: dict[int, dict[str, Any]]) -> None:
-        self.path, self.done = path, dict(done)
-        # Rewrite with only the verified entries, so a redone shard never appears twice.
-        with open(path, "w") as f:
-            f.writelines(json.dumps(done[i], sort_keys=True) + "\n" for i in sorted(done))
-            f.flush()
-            os.fsync(f.fileno())
-        self.f = open(path, "a")  # noqa: SIM115 - held open for the whole run, closed in close()
+    Object stores cannot append, so there is no ledger file: each record is its own object (or file,
+    renamed into place), and a shard without one is simply not done.
+    """
+
+    def __init__(self, out: str, done: dict[int, dict[str, Any]]) -> None:
+        self.out, self.done = out, dict(done)
 
     def record(self, info: dict[str, Any]) -> None:
-        self.f.write(json.dumps(info, sort_keys=True) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.done[info["index"]] = info
-
-    def close(self) -> None:
-        self.f.close()
+        rec = {**info, "path": storage.basename(info["path"])}
+        _write_json(_done_location(self.out, rec["index"]), rec)
+        self.done[rec["index"]] = rec
 
 
 def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> GenerateResult:
     """Everything `vaeforge generate` does after option parsing."""
     notify = progress or (lambda event: None)
-    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
-    load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
-    sampler = sampler_identity(cfg, ckpt_dir)
+    local_dir = load_vae(ckpt_dir).path  # fail here, with one line, rather than in every actor
+    sampler = sampler_identity(cfg, str(local_dir))
     done = prepare_output(cfg, sha, sampler)
     tasks = plan_shards(cfg)
     todo = [t for t in tasks if t.index not in done]
     if todo:  # the shard set is about to change: nothing may claim completeness until the manifest is new
         for name in (SUCCESS, MANIFEST):
-            (Path(cfg.output) / name).unlink(missing_ok=True)
+            storage.delete(storage.join(cfg.output, name))
     notify(
         {
             "kind": "plan",
@@ -203,25 +196,22 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
         }
     )
     t0 = time.perf_counter()
-    ledger = Ledger(Path(cfg.output) / STATE_DIR / "ledger.jsonl", done)
+    records = DoneRecords(cfg.output, done)
     stats: dict[str, Any] = {"actor_peak_mb": 0.0}
-    try:
-        if todo:
-            _run_pool(cfg, ckpt_dir, sha[:16], todo, ledger, notify, stats)
-    finally:
-        ledger.close()
+    if todo:
+        _run_pool(cfg, ckpt_dir, sha[:16], todo, records, notify, stats)
     wall = time.perf_counter() - t0
     seconds = stats.get("generate_seconds", wall)
-    _write_manifest(cfg, ckpt_dir, sha, sampler, tasks, ledger.done)
-    made = sum(ledger.done[t.index]["count"] for t in todo)
+    _write_manifest(cfg, ckpt_dir, sha, sampler, tasks, records.done)
+    made = sum(records.done[t.index]["count"] for t in todo)
     result = GenerateResult(
-        Path(cfg.output), len(tasks), made, sum(r["bytes"] for r in ledger.done.values()), seconds, len(done)
+        cfg.output, len(tasks), made, sum(r["bytes"] for r in records.done.values()), seconds, len(done)
     )
     # Observability, kept out of the manifest so that the manifest stays byte-reproducible.
     stats.update(
         images=made, seconds=seconds, images_per_s=result.images_per_s, driver_peak_mb=_peak_rss_mb()
     )
-    _write_json(Path(cfg.output) / STATE_DIR / "stats.json", stats)
+    _write_json(storage.join(cfg.output, STATE_DIR, "stats.json"), stats)
     return result
 
 
@@ -239,8 +229,7 @@ def _write_manifest(
         }
         for t in tasks
     ]
-    for s in shards:
-        s["path"] = Path(s["path"]).name  # relative: the directory can be moved or synced elsewhere
+    # paths are relative (done records hold names): the directory can be moved or synced elsewhere
     manifest = {
         "vaeforge_version": __version__,
         "checkpoint": ckpt_dir,
@@ -253,9 +242,8 @@ def _write_manifest(
         "image_format": cfg.image_format,
         "shards": shards,
     }
-    out = Path(cfg.output)
-    _write_json(out / MANIFEST, manifest)
-    (out / SUCCESS).write_text("")
+    _write_json(storage.join(cfg.output, MANIFEST), manifest)
+    storage.write_bytes(storage.join(cfg.output, SUCCESS), b"")
 
 
 def _worker_plan(cfg: GenerateConfig) -> tuple[int, dict[str, Any], int]:
@@ -279,17 +267,21 @@ def _run_pool(
     ckpt: str,
     ckpt_id: str,
     todo: list[ShardTask],
-    ledger: Ledger,
+    records: DoneRecords,
     notify: Progress,
     stats: dict,
 ) -> None:
-    """Keep every actor busy with one shard at a time; replace dead actors; retry failed shards."""
+    """Keep every actor busy with one shard at a time; replace dead actors; retry failed shards.
+
+    A shard counts as done only once its record is written, after its worker returned: the driver, not
+    Ray's ActorPool, keeps that account, so a dead actor's shard is redone.
+    """
     import ray
 
     info = init_ray(cfg.address, 1.0)
     notify({"kind": "ray", **info})
     n_actors, resources, threads = _worker_plan(cfg)
-    actor_cls = ray.remote(max_restarts=0)(_RayShardWorker).options(**resources)
+    actor_cls = ray.remote(max_restarts=0)(_RayShardWorker).options(**_with_storage_env(resources))
 
     spawned: list[Any] = []
 
@@ -325,13 +317,24 @@ def _run_pool(
                 queue.appendleft(_retry(task, cfg, str(e.cause) if e.cause else type(e).__name__))
                 continue
             idle.append(actor)
-            ledger.record(result)
+            records.record(result)
             notify({"kind": "shard", **result})
         stats["generate_seconds"] = time.perf_counter() - t0
         stats["actor_peak_mb"] = max(ray.get([a.peak_rss_mb.remote() for a in idle]), default=0.0)
     finally:
         for a in spawned:
             ray.kill(a, no_restart=True)
+
+
+def _with_storage_env(options: dict[str, Any]) -> dict[str, Any]:
+    """Actor options plus the driver's storage credentials / endpoint (see storage.FORWARDED_ENV): an actor
+    on another node, or on a Ray started before they were set, would not see them otherwise."""
+    env = storage.forwarded_env()
+    if not env:
+        return options
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    return {**options, "runtime_env": runtime_env}
 
 
 class _RayShardWorker(ShardWorker):
@@ -347,7 +350,8 @@ class _RayShardWorker(ShardWorker):
 def _retry(task: ShardTask, cfg: GenerateConfig, why: str) -> ShardTask:
     if task.attempt >= cfg.max_retries:
         raise UserError(
-            f"shard {task.index} ({Path(task.path).name}) failed {task.attempt + 1} times, last: {why}; "
+            f"shard {task.index} ({storage.basename(task.path)}) failed {task.attempt + 1} times, "
+            f"last: {why}; "
             "completed shards are kept, fix the cause and re-run the same command to resume"
         )
     return dataclasses.replace(task, attempt=task.attempt + 1)
@@ -356,7 +360,9 @@ def _retry(task: ShardTask, cfg: GenerateConfig, why: str) -> ShardTask:
 def _raise_if_disk_full(e: Exception, task: ShardTask, cfg: GenerateConfig) -> None:
     cause = getattr(e, "cause", None)
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        # a remote output is staged on the worker's own disk first: that is the disk that filled up
+        where = f"a worker's temp dir ({cause.filename})" if storage.is_uri(cfg.output) else cfg.output
         raise UserError(
-            f"disk full while writing shard {task.index} to {cfg.output}; completed shards are kept and "
+            f"disk full while writing shard {task.index} to {where}; completed shards are kept and "
             "nothing partial is marked done: free space and re-run the same command to resume"
         )

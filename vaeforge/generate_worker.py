@@ -9,18 +9,18 @@ import os
 import resource
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vaeforge import storage
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
 from vaeforge.encode import EncoderPool, encode_image, extension
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
 from vaeforge.sampling import make_sampler
-from vaeforge.writers import make_writer
+from vaeforge.writers import clean_dead_staging, make_writer
 
 FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
 
@@ -43,6 +43,8 @@ class ShardWorker:
 
     def __init__(self, checkpoint: str, cfg: GenerateConfig, threads: int, checkpoint_id: str) -> None:
         claim_cpu(threads)
+        if storage.is_uri(cfg.output):
+            clean_dead_staging()  # shards staged for upload by an actor killed on this node earlier
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and cfg.use_gpu is not False else "cpu"
         )
@@ -142,8 +144,3 @@ def _maybe_fail(task: ShardTask) -> None:
         if "crash" in parts[2:]:
             os._exit(1)  # a dying actor, as an OOM kill or a lost node looks to the driver
         raise RuntimeError(f"injected failure in shard {shard} (attempt {task.attempt})")
-
-
-def shard_exists(path: str, size: int) -> bool:
-    p = Path(path)
-    return p.is_file() and p.stat().st_size == size

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaeforge.checkpoint import SAMPLER_FILE as GMM_FILE
 from vaeforge.errors import UserError
-
-GMM_FILE = "sampler_gmm.npz"  # stored next to the checkpoint's model.pt
 
 
 def sample_generator(seed: int, shard: int, index: int) -> np.random.Generator:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vaeforge import __version__
-from vaeforge.checkpoint import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints, resolve_checkpoint
+from vaeforge import __version__, storage
+from vaeforge.checkpoint import CHECKPOINTS_DIR, TRAINER_FILE, checkpoint_locations, resolve_checkpoint
 from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import ModelConfig, TrainConfig
 from vaeforge.data import ImageSet, load_images
@@ -30,9 +28,9 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass
 class TrainResult:
-    output: Path
-    best_checkpoint: Path
-    latest_checkpoint: Path
+    output: str  # locations: local paths or URIs
+    best_checkpoint: str
+    latest_checkpoint: str
     history: list[dict[str, Any]]
 
 
@@ -49,15 +47,17 @@ def package_versions() -> dict[str, str]:
 
 def prepare_output(cfg: TrainConfig) -> dict[str, Any] | None:
     """Apply the output-dir rules before any work is done; returns the previous run.json on --resume."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
+    out = cfg.output
+    storage.require_bucket(out)  # a missing bucket fails now, not after the data is decoded
+    if storage.kind(out) == "file":
         raise UserError(f"--output {out} is a file; give a directory")
-    has_run = (out / RUN_FILE).is_file() or (out / CHECKPOINTS_DIR).is_dir()
+    run_file = storage.join(out, RUN_FILE)
+    has_run = storage.info(run_file) is not None or storage.kind(storage.join(out, CHECKPOINTS_DIR)) == "dir"
     if cfg.resume:
         if not has_run:
             raise UserError(f"nothing to resume in {out}: it holds no vaeforge run")
         try:
-            previous = json.loads((out / RUN_FILE).read_text())
+            previous = json.loads(storage.read_text(run_file))
             model = ModelConfig.from_dict(previous["config"]["model"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(
@@ -71,8 +71,8 @@ def prepare_output(cfg: TrainConfig) -> dict[str, Any] | None:
         raise UserError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
     if has_run:
         for name in RUN_ARTIFACTS:  # only what vaeforge wrote; anything else of the user's stays
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            p = storage.join(out, name)
+            storage.delete_tree(p) if storage.kind(p) == "dir" else storage.delete(p)
     return None
 
 
@@ -114,8 +114,7 @@ def with_classes(cfg: TrainConfig, data: ImageSet) -> TrainConfig:
 
 
 def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], previous: dict | None) -> None:
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cfg.output)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run = {
         "config": cfg.to_dict(),
@@ -125,9 +124,7 @@ def write_run_file(cfg: TrainConfig, data: ImageSet, split: dict[str, int], prev
         "started": previous.get("started", now) if previous else now,
         "resumed": [*(previous or {}).get("resumed", []), now] if previous else [],
     }
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(run, indent=2, default=str))
-    os.replace(tmp, out / RUN_FILE)
+    storage.write_bytes(storage.join(cfg.output, RUN_FILE), json.dumps(run, indent=2, default=str).encode())
 
 
 def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
@@ -147,8 +144,8 @@ def _scaling(cfg: TrainConfig) -> tuple[Any, int]:
 
 def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
     """Everything `vaeforge train` does after option parsing."""
-    # Ray workers run in their own working directory: every path they see must be absolute.
-    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
+    # Ray workers run in their own working directory: every local path they see must be absolute.
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     previous = prepare_output(cfg)
     notify = progress or (lambda event: None)
     notify({"kind": "data", "source": cfg.data or "builtin"})
@@ -180,19 +177,43 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
         "resume_from": _latest(cfg) if previous else None,
     }
     history = _fit(cfg, loop_config, notify)
-    out = Path(cfg.output)
+    out = cfg.output
     return TrainResult(out, resolve_checkpoint(out, "best"), resolve_checkpoint(out, "latest"), history)
 
 
 def _latest(cfg: TrainConfig) -> str | None:
     """The newest complete checkpoint that can be resumed from (it has the optimiser state too)."""
-    resumable = [c for c in list_checkpoints(cfg.output) if (c / TRAINER_FILE).is_file()]
-    return str(resumable[-1]) if resumable else None
+    resumable = [
+        c for c in checkpoint_locations(cfg.output) if storage.info(storage.join(c, TRAINER_FILE)) is not None
+    ]
+    return resumable[-1] if resumable else None
+
+
+def _run_config(cfg: TrainConfig) -> Any:
+    """Ray Train's RunConfig: checkpoints go to <output>/checkpoints, local or remote."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    if storage.is_uri(cfg.output):
+        # Our filesystem, not Ray's from_uri: it carries the endpoint and keys (storage._s3_filesystem).
+        fs, path = storage.filesystem(cfg.output)
+        where: dict[str, Any] = {"storage_path": path, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": cfg.output}
+    env = storage.forwarded_env()  # see storage.FORWARDED_ENV: workers may not share our environment
+    return RunConfig(
+        name=CHECKPOINTS_DIR,
+        **where,
+        # Ray keeps the best by held-out loss, and always the latest.
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        worker_runtime_env={"env_vars": env} if env else None,
+    )
 
 
 def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> list[dict[str, Any]]:
     """Run the TorchTrainer in a thread while this thread relays the workers' progress events."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
@@ -205,15 +226,7 @@ def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> lis
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        run_config=RunConfig(
-            name=CHECKPOINTS_DIR,
-            storage_path=str(Path(cfg.output).resolve()),
-            # Ray keeps the best by held-out loss, and always the latest.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
+        run_config=_run_config(cfg),
     )
     box: dict[str, Any] = {}
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from vaeforge.checkpoint import load_trainer_state, save_checkpoint
+from vaeforge import storage
+from vaeforge.checkpoint import MODEL_FILE, load_trainer_state, save_checkpoint
 from vaeforge.config import TrainConfig
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
@@ -53,14 +56,20 @@ def noise_generator(device: torch.device, *key: int) -> torch.Generator:
 
 
 def _restore(model: VAE, opt: torch.optim.Optimizer, resume_from: str | None) -> LoopState:
-    """Load weights, optimiser and loop state from Ray's latest checkpoint (a restart) or --resume's."""
+    """Load weights, optimiser and loop state from Ray's latest checkpoint (a restart) or --resume's.
+
+    Either may be remote: as_directory() downloads it to a temp dir (a local one is used in place).
+    """
     ckpt = ray.train.get_checkpoint()
-    path = ckpt.path if ckpt is not None else resume_from
-    if path is None:
+    if ckpt is None and resume_from is not None:
+        fs, path = storage.filesystem(resume_from)
+        ckpt = ray.train.Checkpoint(path, filesystem=fs)
+    if ckpt is None:
         return LoopState()
-    d = Path(path)
-    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True)["state_dict"])
-    trainer = load_trainer_state(d)
+    with ckpt.as_directory() as d:
+        blob = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        trainer = load_trainer_state(d)
     opt.load_state_dict(trainer["optimizer"])
     return LoopState(**trainer["loop_state"])
 
@@ -132,30 +141,50 @@ def _write_pictures(
         x = to_model_input(torch.from_numpy(real), device)
         recon = to_uint8_hwc(model.reconstruct(x, _labels(labels, val_idx[: n // 2], cfg, device))).numpy()
     model.train()
-    out = Path(cfg.output) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    make_grid(samples, cfg.grid_size).save(out / f"samples_epoch{epoch:04d}.png")
-    make_grid(interleave(real, recon), cfg.grid_size).save(out / f"recon_epoch{epoch:04d}.png")
+    out = storage.join(cfg.output, "samples")
+    storage.makedirs(out)
+    grids = {
+        "samples": make_grid(samples, cfg.grid_size),
+        "recon": make_grid(interleave(real, recon), cfg.grid_size),
+    }
+    for kind, grid in grids.items():
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
+        storage.write_bytes(storage.join(out, f"{kind}_epoch{epoch:04d}.png"), png.getvalue())
 
 
 def _write_metrics(cfg: TrainConfig, history: list[dict[str, Any]]) -> None:
     """Rank 0 rewrites metrics.jsonl from the checkpointed history, so a resume never duplicates rows."""
-    path = Path(cfg.output) / "metrics.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    storage.write_bytes(storage.join(cfg.output, "metrics.jsonl"), text.encode())
 
 
-def _checkpoint(model: VAE, opt: torch.optim.Optimizer, state: LoopState, ctx: dict) -> ray.train.Checkpoint:
-    """Rank 0 writes the checkpoint straight into Ray's run directory (no second copy), meta.json last."""
+def _checkpoint(
+    model: VAE, opt: torch.optim.Optimizer, state: LoopState, ctx: dict
+) -> tuple[ray.train.Checkpoint, str, dict[str, Any]]:
+    """Rank 0 writes the checkpoint; returns it, its directory name and how ray.train.report stores it.
+
+    Local storage: straight into Ray's run directory, so 310 MB are written once, not saved and copied.
+    Remote storage: staged in a local temp dir that Ray uploads before report() returns, then deletes.
+    """
     name = f"epoch{state.epoch - 1:04d}_step{state.global_step:09d}"
-    storage = ray.train.get_context().get_storage()
-    directory = Path(storage.experiment_fs_path) / name
+    ray_storage = ray.train.get_context().get_storage()
+    local = isinstance(ray_storage.storage_filesystem, pafs.LocalFileSystem)
+    directory = (
+        Path(ray_storage.experiment_fs_path) / name if local else Path(tempfile.mkdtemp(prefix="vf-ckpt-"))
+    )
     meta = {"epoch": state.epoch - 1, "global_step": state.global_step, "metrics": state.history[-1]}
     meta["data"] = ctx["data_stats"]
     trainer_state = {"optimizer": opt.state_dict(), "loop_state": state.__dict__}
     save_checkpoint(directory, model, meta, trainer_state)
-    return ray.train.Checkpoint(str(directory), filesystem=storage.storage_filesystem)
+    if local:
+        checkpoint = ray.train.Checkpoint(str(directory), filesystem=ray_storage.storage_filesystem)
+        return checkpoint, name, {"checkpoint_upload_mode": ray.train.CheckpointUploadMode.NO_UPLOAD}
+    upload = {
+        "checkpoint_upload_mode": ray.train.CheckpointUploadMode.SYNC,
+        "delete_local_checkpoint_after_upload": True,
+    }
+    return ray.train.Checkpoint.from_directory(str(directory)), name, upload
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -241,16 +270,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.history.append(row)
         state.best_val_loss = min(state.best_val_loss, row["val_loss"])
         state.epoch, state.step = state.epoch + 1, 0
-        checkpoint = None
+        checkpoint, name, how = None, None, {}
         if rank == 0:
             _write_pictures(model, images, labels, val_idx, cfg, ctx, row["epoch"])
             _write_metrics(cfg, state.history)
-            checkpoint = _checkpoint(model, opt, state, ctx)
+            checkpoint, name, how = _checkpoint(model, opt, state, ctx)
             if progress is not None:
                 progress.put({"kind": "epoch", **row})
         ray.train.report(
             {k: v for k, v in row.items() if isinstance(v, (int, float))},
             checkpoint=checkpoint,
-            checkpoint_dir_name=checkpoint and Path(checkpoint.path).name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            checkpoint_dir_name=name,
+            **how,
         )

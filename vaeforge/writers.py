@@ -1,9 +1,9 @@
-"""Shard writers: one WebDataset tar or Parquet file per shard, written as a temp file, renamed on commit."""
+"""Shard writers: one WebDataset tar or Parquet file per shard, written as a local temp file, then renamed
+into place (local output) or uploaded as one object (remote output) on commit."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import tarfile
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,6 +21,8 @@ from typing import Any, BinaryIO, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vaeforge import storage
 
 # Fixed tar member attributes: the same samples give the same bytes on any machine, user or day.
 # 2000-01-01 rather than 0 because GNU tar warns about "implausibly old" 1970 timestamps on extraction.
@@ -33,7 +36,7 @@ ROW_GROUP_BYTES = 64 << 20
 
 REQUIRED_META = ("seed", "shard", "index")
 TEMP_MARKER = ".tmp-"
-_TEMP_RE = re.compile(re.escape(TEMP_MARKER) + r"\d+-[0-9a-f]{8}$")
+_TEMP_RE = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]{8}$")
 _IMAGE_EXT_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 
@@ -47,14 +50,23 @@ class ShardInfo:
     sha256: str
 
 
+def staging_dir() -> str:
+    """Where shards bound for a remote output are written before their upload: this node's temp dir."""
+    return os.path.join(tempfile.gettempdir(), f"vaeforge-staging-{os.getuid()}")
+
+
 def temp_path_for(final_path: str) -> str:
-    """A temp name beside `final_path`: same directory, so os.replace is atomic; pid + random so that two
-    writers never share one."""
-    return f"{final_path}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+    """A local temp name for the shard: beside `final_path` when that is local, so os.replace is atomic;
+    in staging_dir() when it is remote. pid + random, so that two writers never share one."""
+    tag = f"{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+    if storage.is_uri(final_path):
+        os.makedirs(staging_dir(), exist_ok=True)
+        return os.path.join(staging_dir(), storage.basename(final_path) + tag)
+    return final_path + tag
 
 
 def clean_stale_temps(directory: str | os.PathLike[str]) -> int:
-    """Delete the temp files a killed run left in `directory` (not recursive).
+    """Delete the temp files a killed run left in a local `directory` (not recursive).
 
     Call it before any writer of this run starts: it cannot tell a live writer's temp from a dead one's.
 
@@ -75,17 +87,35 @@ def clean_stale_temps(directory: str | os.PathLike[str]) -> int:
     return removed
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make a rename durable. Some network/FUSE filesystems cannot fsync a directory (EINVAL); there the
-    rename is as durable as that filesystem allows, so that is not an error."""
-    fd = os.open(directory, os.O_RDONLY)
+def clean_dead_staging() -> int:
+    """Delete staged shards whose writer process is gone (a killed actor); live writers' files stay.
+
+    Returns:
+        How many files were removed.
+    """
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(staging_dir()) as entries:
+        for entry in entries:
+            m = _TEMP_RE.search(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_fsync_directory = storage.fsync_directory
 
 
 class _HashingFile:
@@ -156,7 +186,7 @@ def _as_int(meta: dict[str, Any], name: str) -> int:
 
 
 class ShardWriter(ABC):
-    """Writes one shard to a temp file beside `final_path`; commit() moves it into place atomically.
+    """Writes one shard to a local temp file; commit() moves it into place atomically (see commit()).
 
     The file at `final_path` appears only through commit(), complete and fsynced, so a shard that exists
     is a finished shard. Anything else (an exception inside `with`, leaving `with` without commit(), a
@@ -179,7 +209,7 @@ class ShardWriter(ABC):
         file_metadata: dict[str, str] | None = None,
     ) -> None:
         """Args:
-            final_path: where the committed shard goes; its directory must exist.
+            final_path: where the committed shard goes: a local path (its directory must exist) or a URI.
             image_ext: extension of the encoded images without the dot ("png", "jpg", ...).
             file_metadata: string key/values stored once per file (run info); see each writer for where.
 
@@ -263,7 +293,8 @@ class ShardWriter(ABC):
         self.count += 1
 
     def commit(self) -> ShardInfo:
-        """Finish the file, fsync it, rename it to `final_path` and fsync the directory.
+        """Finish the file and move it into place: locally fsync, rename to `final_path` and fsync the
+        directory; for a remote `final_path`, upload the complete file as one object and check its size.
 
         An existing file at `final_path` is replaced; a shard is deterministic, so that is a re-run of
         the same shard.
@@ -273,25 +304,35 @@ class ShardWriter(ABC):
 
         Raises:
             RuntimeError: after commit() or abort().
-            OSError: if any step fails (e.g. disk full); no file is left at `final_path` or the temp name.
+            OSError: if any local step fails (e.g. disk full); no file is left at `final_path` or the
+                temp name.
+            StorageError: if the upload fails; no object is left at `final_path`.
         """
         if self._state != "open":
             raise RuntimeError(f"writer for {self.final_path} is already {self._state}")
+        remote = storage.is_uri(self.final_path)
         try:
             self._close()
             self._file.sync_and_close()
-            os.replace(self.temp_path, self.final_path)
+            if remote:
+                storage.upload_file(self.temp_path, self.final_path)
+            else:
+                os.replace(self.temp_path, self.final_path)
         except BaseException:
             self.abort()
             raise
         self._state = "committed"
+        info = ShardInfo(self.final_path, self.count, self._file.size, self._file.hexdigest())
+        if remote:
+            os.unlink(self.temp_path)
+            return info
         try:
             _fsync_directory(os.path.dirname(os.path.abspath(self.final_path)))
         except BaseException:
             # The rename may not survive a crash; report failure and leave nothing that looks finished.
             os.unlink(self.final_path)
             raise
-        return ShardInfo(self.final_path, self.count, self._file.size, self._file.hexdigest())
+        return info
 
     def abort(self) -> None:
         """Drop the shard: close everything and delete the temp file. Never touches `final_path`.

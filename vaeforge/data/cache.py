@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vaeforge.storage import default_cache_dir  # one cache root for data and checkpoint copies
+
 CACHE_VERSION = 1  # bump whenever decoding changes its output, so stale caches are never reused
-
-
-def default_cache_dir() -> Path:
-    """$VAEFORGE_CACHE, else $XDG_CACHE_HOME/vaeforge, else ~/.cache/vaeforge."""
-    if os.environ.get("VAEFORGE_CACHE"):
-        return Path(os.environ["VAEFORGE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vaeforge"
 
 
 def cache_key(material: dict) -> str:

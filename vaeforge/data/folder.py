@@ -2,60 +2,47 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path
 
+from vaeforge import storage
 from vaeforge.data.base import IMAGE_EXTS, EncodedSource
 from vaeforge.data.decode import Record, SkipTally
-from vaeforge.data.files import DataError, check_local, stamp_digest
+from vaeforge.data.files import DataError, kind_of, relative_parts, stamp_digest, walk_files
+from vaeforge.storage import Entry
 
 
-def walk_files(root: Path) -> Iterator[Path]:
-    """Every non-hidden file under root in a deterministic (sorted, depth-first) order."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        # hidden entries are tool litter (.ipynb_checkpoints, macOS ._x.jpg), never data
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS)
 
 
 class FolderSource(EncodedSource):
-    """A directory of image files; first-level sub-folders are classes when there are any."""
+    """A directory of image files, local or remote; first-level sub-folders are classes when there are any."""
 
     kind = "folder"
 
     @cached_property
-    def root(self) -> Path:
-        check_local(self.target)
-        root = Path(self.target).expanduser()
-        if not root.exists():
+    def root(self) -> str:
+        found = kind_of(self.target)
+        if found is None:
             raise DataError(f"data path not found: {self.target}")
-        if not root.is_dir():
+        if found != "dir":
             raise DataError(
                 f"{self.target} is not a folder; pass a folder of images, .tar shards or .parquet files"
             )
-        return root.resolve()
+        return storage.absolute(self.target)
 
     @cached_property
-    def files(self) -> list[Path]:
-        # sort by relative path so the order does not depend on where the folder lives
-        found = sorted(
-            (p for p in walk_files(self.root) if is_image_name(p)), key=lambda p: p.relative_to(self.root)
-        )
+    def files(self) -> list[Entry]:
+        # ordered by path below the root, so the order does not depend on where the folder lives
+        found = [e for e in walk_files(self.root) if is_image_name(e.name)]
         if not found:
             looked = ", ".join(IMAGE_EXTS)
             raise DataError(f"no images found under {self.target} (looked for {looked}, in any letter case)")
         return found
 
-    def _label(self, path: Path) -> str | None:
-        parts = path.relative_to(self.root).parts
+    def _label(self, location: str) -> str | None:
+        parts = relative_parts(self.root, location)
         return parts[0] if len(parts) > 1 else None  # files directly in root are unlabeled
 
     def fingerprint(self) -> str:
@@ -69,9 +56,9 @@ class FolderSource(EncodedSource):
 
     def known_class_names(self) -> list[str] | None:
         # every first-level sub-folder holding images is a class, even if all its images turn out bad
-        names = sorted({label for label in map(self._label, self.files) if label is not None})
+        names = sorted({label for e in self.files if (label := self._label(e.location)) is not None})
         return names or None
 
     def records(self, tally: SkipTally) -> Iterator[Record]:
-        for path in self.files:
-            yield Record(key=str(path), label=self._label(path), path=str(path))
+        for e in self.files:
+            yield Record(key=e.location, label=self._label(e.location), path=e.location)

@@ -6,16 +6,16 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vaeforge import storage
 from vaeforge.data.base import EncodedSource
 from vaeforge.data.decode import CHUNK_ITEMS, Record, SkipTally
-from vaeforge.data.files import DataError, check_local, expand_pattern, has_pattern, open_input, stamp_digest
-from vaeforge.data.folder import walk_files
+from vaeforge.data.files import DataError, find_files, open_input, stamp_digest
+from vaeforge.storage import Entry
 
 IMAGE_COLUMN_NAMES = ("image", "img")
 LABEL_COLUMN_NAMES = ("label", "labels", "class")
@@ -121,29 +121,21 @@ class ParquetSource(EncodedSource):
     kind = "parquet"
 
     @cached_property
-    def files(self) -> list[Path]:
-        check_local(self.target)
-        path = Path(self.target).expanduser()
-        if has_pattern(self.target) and not path.exists():
-            files = expand_pattern(self.target)[0]
-        elif path.is_dir():
-            files = [p.resolve() for p in walk_files(path) if p.suffix.lower() == ".parquet"]
-        elif path.is_file():
-            files = [path.resolve()]
-        else:
-            raise DataError(f"data path not found: {self.target}")
-        if not files:
-            raise DataError(f"no .parquet files found for {self.target}; check the path or glob")
-        return files
+    def _entries(self) -> list[Entry]:
+        return find_files(self.target, (".parquet",), ".parquet files")[0]
+
+    @property
+    def files(self) -> list[str]:
+        return [e.location for e in self._entries]
 
     def fingerprint(self) -> str:
-        return stamp_digest(self.files)
+        return stamp_digest(self._entries)
 
     def file_count(self) -> int:
         return len(self.files)
 
-    def _columns(self, schema: pa.Schema, path: Path) -> Columns:
-        return pick_columns(schema, str(path), self.options.image_column, self.options.label_column)
+    def _columns(self, schema: pa.Schema, path: str) -> Columns:
+        return pick_columns(schema, path, self.options.image_column, self.options.label_column)
 
     @cached_property
     def _scan(self) -> _Scan:
@@ -154,7 +146,7 @@ class ParquetSource(EncodedSource):
         rows, ints, texts, hf_names = 0, set(), set(), None
         for path in self.files:
             try:
-                with open_input(path) as f:
+                with open_input(path, seekable=True) as f:
                     pf = pq.ParquetFile(f)
                     columns = self._columns(pf.schema_arrow, path)
                     rows += pf.metadata.num_rows
@@ -182,17 +174,17 @@ class ParquetSource(EncodedSource):
         for path in self.files:
             yield from self._file_records(path, tally)
 
-    def _file_records(self, path: Path, tally: SkipTally) -> Iterator[Record]:
+    def _file_records(self, path: str, tally: SkipTally) -> Iterator[Record]:
         try:
-            stream = open_input(path)
+            stream = open_input(path, seekable=True)  # parquet reads its footer first
         except OSError:
-            tally.add("unreadable_file", str(path))
+            tally.add("unreadable_file", path)
             return
         try:
             pf = pq.ParquetFile(stream)
         except _READ_ERRORS:
             stream.close()
-            tally.add("unreadable_file", str(path))
+            tally.add("unreadable_file", path)
             return
         with stream:
             columns = self._columns(pf.schema_arrow, path)  # a file without the columns is a user error
@@ -204,10 +196,10 @@ class ParquetSource(EncodedSource):
                     yield from _batch_records(batch.column(0), labels, path, row)
                     row += batch.num_rows
             except _READ_ERRORS:
-                tally.add("truncated_shard", str(path))
+                tally.add("truncated_shard", path)
 
 
-def _batch_records(images: pa.Array, labels: list, path: Path, first_row: int) -> Iterator[Record]:
+def _batch_records(images: pa.Array, labels: list, path: str, first_row: int) -> Iterator[Record]:
     """Records of one batch. A struct whose bytes are null but whose path is set points at a file
     relative to the parquet file, as Hugging Face writes for non-embedded images."""
     if pa.types.is_struct(images.type):
@@ -219,6 +211,6 @@ def _batch_records(images: pa.Array, labels: list, path: Path, first_row: int) -
     for i, (blob, ref) in enumerate(zip(data, paths, strict=True)):
         key = f"{path}:{first_row + i}"
         if blob is None and ref:
-            yield Record(key=key, label=labels[i], path=str(path.parent / ref))
+            yield Record(key=key, label=labels[i], path=storage.join(storage.parent(path), ref))
         else:
             yield Record(key=key, label=labels[i], data=blob or b"")

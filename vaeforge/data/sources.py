@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 
+from vaeforge import storage
 from vaeforge.data.base import IMAGE_EXTS, LoadOptions, Source
 from vaeforge.data.builtin import BuiltinSource
-from vaeforge.data.files import DataError, check_local, has_pattern
-from vaeforge.data.folder import FolderSource, is_image_name, walk_files
+from vaeforge.data.files import DataError, has_pattern, kind_of, relative_parts
+from vaeforge.data.folder import FolderSource, is_image_name
 from vaeforge.data.parquet_source import ParquetSource
 from vaeforge.data.wds_source import SHARD_SUFFIXES, WebDatasetSource
 
@@ -24,14 +25,17 @@ _PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]+):(?!//)(.*)$", re.DOTALL)
 _PREFIX_HELP = "use a prefix: folder:PATH, webdataset:PATTERN or parquet:PATH"
 
 
-def _kind_of_dir(root: Path) -> str:
+def _kind_of_dir(root: str) -> str:
     """folder, unless the directory holds no images but only .tar shards or only .parquet files."""
     tars = parquets = False
-    for path in walk_files(root):
-        if is_image_name(path):
-            return "folder"  # stops at the first image: cheap even for huge folders
-        tars = tars or path.name.lower().endswith(SHARD_SUFFIXES)
-        parquets = parquets or path.suffix.lower() == ".parquet"
+    for entry in storage.iter_files(root):
+        if any(part.startswith(".") for part in relative_parts(root, entry.location)):
+            continue  # hidden: tool litter, never data
+        name = entry.name.lower()
+        if is_image_name(name):
+            return "folder"  # stops at the first image: cheap even for huge local folders
+        tars = tars or name.endswith(SHARD_SUFFIXES)
+        parquets = parquets or name.endswith(".parquet")
     if tars and parquets:
         raise DataError(f"{root} holds both .tar and .parquet files; {_PREFIX_HELP}")
     return "webdataset" if tars else "parquet" if parquets else "folder"
@@ -52,13 +56,12 @@ def _kind_of_name(name: str, data: str, is_pattern: bool) -> str:
 
 
 def detect_kind(data: str) -> str:
-    """Source kind for a path, glob or brace pattern without an explicit prefix."""
-    check_local(data)
-    path = Path(data).expanduser()
-    if path.is_dir():
-        return _kind_of_dir(path)
-    if path.exists():
-        return _kind_of_name(path.name, data, is_pattern=False)
+    """Source kind for a path, URI, glob or brace pattern without an explicit prefix."""
+    found = kind_of(data)
+    if found == "dir":
+        return _kind_of_dir(data)
+    if found == "file":
+        return _kind_of_name(storage.basename(data), data, is_pattern=False)
     if has_pattern(data):
         return _kind_of_name(data, data, is_pattern=True)
     raise DataError(f"data path not found: {data}")
@@ -69,7 +72,7 @@ def resolve(data: str | None) -> tuple[str, str]:
     if data is None or not data.strip() or data.strip() == "builtin":
         return "builtin", ""
     m = _PREFIX.match(data)
-    if m and not Path(data).exists():
+    if m and not os.path.exists(data):
         name, target = m.group(1).lower(), m.group(2)
         if name not in SOURCES:
             raise DataError(f"unknown data source {name!r}; valid: {', '.join(sorted(SOURCES))}")

@@ -8,12 +8,11 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path
 
 from vaeforge.data.base import EncodedSource
 from vaeforge.data.decode import Record, SkipTally
-from vaeforge.data.files import DataError, check_local, expand_pattern, has_pattern, open_input, stamp_digest
-from vaeforge.data.folder import walk_files
+from vaeforge.data.files import find_files, open_input, stamp_digest
+from vaeforge.storage import Entry
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")  # priority order when a sample has several
@@ -74,30 +73,15 @@ class WebDatasetSource(EncodedSource):
     kind = "webdataset"
 
     @cached_property
-    def _shards_and_missing(self) -> tuple[list[Path], list[str]]:
-        check_local(self.target)
-        path = Path(self.target).expanduser()
-        if has_pattern(self.target) and not path.exists():
-            shards, missing = expand_pattern(self.target)
-        elif path.is_dir():
-            shards, missing = (
-                [p.resolve() for p in walk_files(path) if p.name.lower().endswith(SHARD_SUFFIXES)],
-                [],
-            )
-        elif path.is_file():
-            shards, missing = [path.resolve()], []
-        else:
-            raise DataError(f"data path not found: {self.target}")
-        if not shards:
-            raise DataError(f"no .tar shards found for {self.target}; check the path, glob or brace pattern")
-        return shards, missing
+    def _shards_and_missing(self) -> tuple[list[Entry], list[str]]:
+        return find_files(self.target, SHARD_SUFFIXES, ".tar shards")
 
     @property
-    def shards(self) -> list[Path]:
-        return self._shards_and_missing[0]
+    def shards(self) -> list[str]:
+        return [e.location for e in self._shards_and_missing[0]]
 
     def fingerprint(self) -> str:
-        return stamp_digest(self.shards) + ",".join(self._shards_and_missing[1])
+        return stamp_digest(self._shards_and_missing[0]) + ",".join(self._shards_and_missing[1])
 
     def file_count(self) -> int:
         return len(self.shards)
@@ -108,19 +92,19 @@ class WebDatasetSource(EncodedSource):
         for shard in self.shards:
             yield from self._shard_records(shard, tally)
 
-    def _shard_records(self, shard: Path, tally: SkipTally) -> Iterator[Record]:
+    def _shard_records(self, shard: str, tally: SkipTally) -> Iterator[Record]:
         """Samples of one shard in member order. A corrupt tail keeps every sample read before it."""
         try:
             stream = open_input(shard)
         except OSError:
-            tally.add("unreadable_file", str(shard))
+            tally.add("unreadable_file", shard)
             return
         try:
             # streaming mode: no seeks, no member index; closed by the `with` below
             archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)  # noqa: SIM115
         except _READ_ERRORS:
             stream.close()
-            tally.add("unreadable_file", str(shard))
+            tally.add("unreadable_file", shard)
             return
         key: str | None = None
         fields: dict[str, bytes] = {}
@@ -138,13 +122,13 @@ class WebDatasetSource(EncodedSource):
                 if not ended_cleanly(archive):
                     raise tarfile.ReadError("archive ends without its end-of-archive blocks")
         except _READ_ERRORS:
-            tally.add("truncated_shard", str(shard))
+            tally.add("truncated_shard", shard)
             if key is None or not any(f in fields for f in IMAGE_FIELDS):
                 return  # the cut went through this sample's image: nothing left to keep
         yield from self._sample(shard, key, fields, tally)
 
     @staticmethod
-    def _sample(shard: Path, key: str | None, fields: dict[str, bytes], tally: SkipTally) -> Iterator[Record]:
+    def _sample(shard: str, key: str | None, fields: dict[str, bytes], tally: SkipTally) -> Iterator[Record]:
         """The sample's Record (zero or one): a key with no image member is counted, not decoded."""
         if key is None:
             return
