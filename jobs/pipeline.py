@@ -1,6 +1,6 @@
-"""Ray Job entry point for `vaeforge pipeline`: `ray job submit --working-dir . -- python jobs/pipeline.py ARGS`.
+"""Ray Job entry point for `vaeforge pipeline` (train, then generate); the CLI's options and exit codes.
 
-It trains, then generates from the trained run. ARGS are the CLI's own options; the driver joins the job's
+Submit it with `ray job submit --working-dir . -- python jobs/pipeline.py ARGS`. The driver joins the job's
 cluster through the RAY_ADDRESS Ray sets.
 """
 

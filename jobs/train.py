@@ -1,6 +1,7 @@
-"""Ray Job entry point for `vaeforge train`: `ray job submit --working-dir . -- python jobs/train.py ARGS`.
+"""Ray Job entry point for `vaeforge train`; the CLI's options and exit codes.
 
-ARGS are the CLI's own options; the driver joins the job's cluster through the RAY_ADDRESS Ray sets.
+Submit it with `ray job submit --working-dir . -- python jobs/train.py ARGS`. The driver joins the job's
+cluster through the RAY_ADDRESS Ray sets.
 """
 
 import sys
