@@ -1,4 +1,4 @@
-"""Typer CLI: parses options, builds the config objects, prints for people. Nothing imports this module.
+"""Typer CLI: parses options, builds the config objects, prints for people. Only jobs/ imports it (main).
 
 Heavy modules (torch, ray) are imported inside the commands: the data decoder's process pool re-imports
 `__main__`, and `vaeforge --help` should answer instantly.
@@ -6,8 +6,12 @@ Heavy modules (torch, ray) are imported inside the commands: the data decoder's 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import errno
+import inspect
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -81,48 +85,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
 ) -> None:
     """Train the VAE with Ray Train (DDP over --workers), writing checkpoints, metrics and pictures."""
-    cfg = TrainConfig(
-        output=output,
-        model=get_preset(preset),
-        preset=preset,
-        data=data,
-        workers=workers,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        beta=beta,
-        recon_loss=recon_loss,
-        conditional=conditional,
-        seed=seed,
-        precision=precision,
-        use_gpu=gpus,
-        cpus_per_worker=cpus_per_worker,
-        address=address,
-        max_samples=max_samples,
-        builtin_count=builtin_count,
-        val_fraction=val_fraction,
-        cache_dir=cache_dir,
-        max_failures=max_failures,
-        resume=resume,
-        overwrite=overwrite,
-    )
-    from vaeforge.progress import TrainDisplay
-    from vaeforge.storage import join
-    from vaeforge.train import run_training
-
-    display = TrainDisplay(err)
-    try:
-        result = run_training(cfg, display)
-    finally:
-        display.close()
-    last = result.history[-1] if result.history else {}
-    out.print(f"[bold green]done[/]: run in {result.output}")
-    out.print(f"  best checkpoint   {result.best_checkpoint}")
-    out.print(f"  latest checkpoint {result.latest_checkpoint}")
-    out.print(f"  metrics           {join(result.output, 'metrics.jsonl')}")
-    out.print(f"  pictures          {join(result.output, 'samples')}")
-    if last:
-        out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
+    _run_train(train_config(dict(locals())))  # locals() here is exactly the parsed options
 
 
 @app.command()
@@ -163,26 +126,128 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run in --output."),
 ) -> None:
     """Sample a trained VAE into WebDataset or Parquet shards, exactly once; re-run the command to resume."""
-    cfg = GenerateConfig(
-        checkpoint=checkpoint,
-        output=output,
-        count=parse_count(count),
-        format=format,
-        image_format=image_format,
-        quality=quality,
-        shard_size=shard_size,
-        seed=seed,
-        temperature=temperature,
-        prefix=prefix,
-        batch_size=batch_size,
-        workers=workers,
-        use_gpu=gpus,
-        precision=precision,
-        encode_threads=encode_threads,
-        max_retries=max_retries,
-        address=address,
-        overwrite=overwrite,
+    _run_generate(generate_config(dict(locals())))  # locals() here is exactly the parsed options
+
+
+# `vaeforge pipeline` takes every train option and every generate option, defined once above: its
+# signature is built from theirs. Where both commands have an option, it either means the same thing in
+# both stages (shared: one value serves both) or not (renamed: generate's gets a --gen- prefix).
+PIPELINE_SHARED = ("seed", "precision", "gpus", "address", "overwrite")
+PIPELINE_RENAMED = {"workers": "gen_workers", "batch_size": "gen_batch_size"}
+PIPELINE_DERIVED = ("checkpoint", "output")  # generate's, set from the pipeline's --output
+TRAIN_DIR, SHARDS_DIR = "train", "shards"
+
+
+def pipeline(**opts: Any) -> None:
+    """Train, then generate from the trained run: OUTPUT/train holds the run, OUTPUT/shards the images.
+
+    Takes every train and generate option (generate's --workers and --batch-size as --gen-workers and
+    --gen-batch-size). Re-run with --resume to continue: training picks up at its latest checkpoint and
+    generation keeps every finished shard.
+    """
+    # Both configs are built, so both are checked, before training starts: a bad --format fails in a second,
+    # not after hours of training.
+    train_cfg, gen_cfg = pipeline_configs(opts)
+    result = _run_train(train_cfg)
+    _run_generate(dataclasses.replace(gen_cfg, checkpoint=str(result.output)))
+
+
+def pipeline_configs(opts: dict[str, Any]) -> tuple[TrainConfig, GenerateConfig]:
+    """Split the pipeline's options into train's and generate's and build both configs the usual way."""
+    root = opts["output"]
+    train_opts = {name: opts[name] for name in _option_names(train) if name != "output"}
+    train_opts["output"] = _join(root, TRAIN_DIR)
+    gen_opts = {
+        name: opts[PIPELINE_RENAMED.get(name, name)]
+        for name in _option_names(generate)
+        if name not in PIPELINE_DERIVED
+    }
+    gen_opts.update(checkpoint=_join(root, TRAIN_DIR), output=_join(root, SHARDS_DIR))
+    return train_config(train_opts), generate_config(gen_opts)
+
+
+def _option_names(command: Any) -> list[str]:
+    return list(inspect.signature(command).parameters)
+
+
+def _join(root: Any, name: str) -> str:
+    """root/name as a string: joining strings keeps a URI such as s3://bucket/run intact; Path would not."""
+    return f"{str(root).rstrip('/')}/{name}"
+
+
+def _pipeline_signature() -> inspect.Signature:
+    """train's options, then generate's (shared ones once, clashing ones renamed), each in a help panel."""
+    output = typer.Option(
+        "runs/pipeline",
+        help=f"Pipeline directory: the run in OUTPUT/{TRAIN_DIR}, shards in OUTPUT/{SHARDS_DIR}.",
     )
+    params = {
+        "output": inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=output, annotation=str)
+    }
+    for name, p in inspect.signature(train, eval_str=True).parameters.items():
+        if name != "output":
+            panel = "Both stages" if name in PIPELINE_SHARED else "Training"
+            params[name] = _in_panel(p, name, panel)
+    for name, p in inspect.signature(generate, eval_str=True).parameters.items():
+        if name in PIPELINE_DERIVED or name in PIPELINE_SHARED:
+            continue
+        new = PIPELINE_RENAMED.get(name, name)
+        if new in params:  # a new option in both commands must be declared shared or renamed above
+            raise RuntimeError(
+                f"generate option {name!r} clashes with train's: add it to PIPELINE_SHARED or _RENAMED"
+            )
+        params[new] = _in_panel(p, new, "Generation")
+    return inspect.Signature(list(params.values()))
+
+
+def _in_panel(p: inspect.Parameter, name: str, panel: str) -> inspect.Parameter:
+    info = copy.copy(p.default)  # the command's own OptionInfo stays untouched
+    info.rich_help_panel = panel
+    return p.replace(name=name, kind=inspect.Parameter.KEYWORD_ONLY, default=info)
+
+
+pipeline.__signature__ = _pipeline_signature()  # type: ignore[attr-defined]  # what Typer reads
+app.command()(pipeline)
+
+
+def train_config(opts: dict[str, Any]) -> TrainConfig:
+    """The one way options become a TrainConfig: `train`, `pipeline` and so jobs/ all come through here."""
+    opts = dict(opts)
+    opts["use_gpu"] = opts.pop("gpus")
+    opts.update(output=str(opts["output"]), model=get_preset(opts["preset"]))
+    return TrainConfig(**opts)
+
+
+def generate_config(opts: dict[str, Any]) -> GenerateConfig:
+    """The one way options become a GenerateConfig, for `generate` and `pipeline`."""
+    opts = dict(opts)
+    opts["use_gpu"] = opts.pop("gpus")
+    opts.update(output=str(opts["output"]), count=parse_count(opts["count"]))
+    return GenerateConfig(**opts)
+
+
+def _run_train(cfg: TrainConfig) -> Any:
+    from vaeforge.progress import TrainDisplay
+    from vaeforge.storage import join
+    from vaeforge.train import run_training
+
+    display = TrainDisplay(err)
+    try:
+        result = run_training(cfg, display)
+    finally:
+        display.close()
+    last = result.history[-1] if result.history else {}
+    out.print(f"[bold green]done[/]: run in {result.output}")
+    out.print(f"  best checkpoint   {result.best_checkpoint}")
+    out.print(f"  latest checkpoint {result.latest_checkpoint}")
+    out.print(f"  metrics           {join(result.output, 'metrics.jsonl')}")
+    out.print(f"  pictures          {join(result.output, 'samples')}")
+    if last:
+        out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
+    return result
+
+
+def _run_generate(cfg: GenerateConfig) -> None:
     from vaeforge.generate import run_generate
     from vaeforge.progress import GenerateDisplay
 

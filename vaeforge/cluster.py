@@ -27,10 +27,21 @@ def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
         else:
             cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
             context = ray.init(num_cpus=cpus, **quiet)
-    url = getattr(context, "dashboard_url", None)
+    url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
     url = f"http://{url}" if url and not url.startswith("http") else url
     return {
         "address": address or "local",
         "node_id": ray.get_runtime_context().get_node_id(),
         "dashboard": url,
     }
+
+
+def _running_dashboard() -> str | None:
+    """The dashboard of the Ray this process had already joined (tests, notebooks, a caller's ray.init).
+
+    ray.init returns the URL only to its caller, and Ray has no public getter for it afterwards, so this reads
+    the node record that ray.init itself reports from. None when that is unavailable.
+    """
+    from ray._private import worker
+
+    return getattr(getattr(worker, "_global_node", None), "webui_url", None) or None

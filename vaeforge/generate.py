@@ -253,8 +253,15 @@ def _worker_plan(cfg: GenerateConfig) -> tuple[int, dict[str, Any], int]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
     if use_gpu:
-        if gpus < 1:
-            raise UserError("--gpus was given but the Ray cluster has no GPU")
+        # A joined cluster may have no GPU yet because its GPU group autoscales from zero (KubeRay): pending
+        # GPU actors are what makes it scale up, so there --workers says how many to ask for.
+        if gpus < 1 and not (cfg.workers and joins_cluster(cfg.address)):
+            hint = (
+                "; on a cluster that adds GPU nodes on demand, also pass --workers N"
+                if joins_cluster(cfg.address)
+                else ""
+            )
+            raise UserError(f"--gpus was given but the Ray cluster has no GPU{hint}")
         return cfg.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n = cfg.workers or cores

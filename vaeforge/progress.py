@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -11,12 +12,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PLAIN_EVERY_S = 10.0  # without a terminal, one line this often keeps logs readable
 
 
+def wants_live(console: Console) -> bool:
+    """A redrawing bar only where a person watches a real terminal; plain lines everywhere else.
+
+    rich counts a stream as a terminal whenever FORCE_COLOR is set, as CI systems and log collectors often do
+    to keep colours. Colours are harmless in `ray job logs`; a bar redrawn in place is not, so this asks the
+    stream itself. TTY_INTERACTIVE=1 or 0 (rich's own switch) overrides.
+    """
+    override = os.environ.get("TTY_INTERACTIVE")
+    if override in ("0", "1"):
+        return override == "1"
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty()) and console.is_interactive
+    except ValueError:  # a closed stream (end of a pytest run) is no terminal
+        return False
+
+
 class _Display:
     """Shared plumbing: events are dicts with a "kind", handled by `_on_<kind>`; unknown kinds are ignored."""
 
     def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self.live = self.console.is_terminal if live is None else live
+        self.live = wants_live(self.console) if live is None else live
         self.progress: Progress | None = None
         self.task = None
         self.last_plain = 0.0
