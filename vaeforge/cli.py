@@ -23,6 +23,7 @@ from vaeforge.config import (
     OUTPUT_FORMATS,
     PRECISIONS,
     RECON_LOSSES,
+    EvaluateConfig,
     GenerateConfig,
     TrainConfig,
     get_preset,
@@ -93,7 +94,9 @@ def generate(
     checkpoint: str = typer.Option(
         ..., help="Run directory (its best checkpoint), checkpoint directory or model.pt; local or a URI."
     ),
-    count: str = typer.Option(..., help="Images to generate: 1e6, 1000000 or 1_000_000."),
+    count: str = typer.Option(
+        None, help="Images to generate: 1e6, 1000000 or 1_000_000 (default: the sum of --classes C:N)."
+    ),
     output: str = typer.Option(
         "runs/generated", help="Directory (local or a URI) for the shards, _manifest.json and _SUCCESS."
     ),
@@ -104,7 +107,14 @@ def generate(
     quality: int = typer.Option(95, help="JPEG/WebP quality."),
     shard_size: int = typer.Option(10_000, help="Samples per shard."),
     seed: int = typer.Option(0, help="Fixes every latent: sample i of shard s comes from seed (seed, s, i)."),
-    temperature: float = typer.Option(1.0, help="Scale of the prior's standard deviation."),
+    sampler: str = typer.Option(
+        "prior", help="prior: N(0, I); gmm: the mixture `vaeforge fit-sampler` fitted to the encoder means."
+    ),
+    temperature: float = typer.Option(1.0, help="Scales the spread of either sampler."),
+    classes: str = typer.Option(
+        None,
+        help="Conditional models: all (training proportions, default), balanced, or C:N,C:N (e.g. 3:10000).",
+    ),
     prefix: str = typer.Option("samples", help="Shard file prefix: PREFIX-000000.tar."),
     batch_size: int = typer.Option(256, help="Decoder batch size."),
     workers: int = typer.Option(
@@ -222,7 +232,12 @@ def generate_config(opts: dict[str, Any]) -> GenerateConfig:
     """The one way options become a GenerateConfig, for `generate` and `pipeline`."""
     opts = dict(opts)
     opts["use_gpu"] = opts.pop("gpus")
-    opts.update(output=str(opts["output"]), count=parse_count(opts["count"]))
+    from vaeforge.sampling import explicit_total
+
+    count = opts["count"] if opts["count"] is not None else explicit_total(opts["classes"])
+    if count is None:
+        raise UserError("--count is required (it may be left out only with --classes C:N,C:N)")
+    opts.update(output=str(opts["output"]), count=parse_count(count))
     return GenerateConfig(**opts)
 
 
@@ -261,6 +276,75 @@ def _run_generate(cfg: GenerateConfig) -> None:
     out.print(f"  images     {cfg.count:,} ({result.images:,} made now, {result.resumed_shards} shards kept)")
     out.print(f"  bytes      {result.bytes:,}")
     out.print(f"  speed      {result.images_per_s:,.1f} images/s ({result.seconds:.1f}s after Ray start-up)")
+
+
+@app.command("fit-sampler")
+def fit_sampler(
+    checkpoint: str = typer.Option(..., help="Run directory (its best checkpoint) or checkpoint directory."),
+    k: int = typer.Option(10, help="Mixture components (full covariance)."),
+    seed: int = typer.Option(0, help="Seeds the initialisation and the subset; the fit is deterministic."),
+    max_points: int = typer.Option(20_000, help="Training images encoded for the fit (a seeded subset)."),
+    data: str = typer.Option(None, help="Images to fit on when the checkpoint has no run.json beside it."),
+) -> None:
+    """Fit a Gaussian mixture to where the encoder puts the training images, for `generate --sampler gmm`."""
+    from vaeforge.fit_sampler import run_fit_sampler
+
+    err.print(f"fit-sampler: encoding up to {max_points:,} training images and fitting {k} components")
+    ckpt_dir, gmm = run_fit_sampler(checkpoint, k, seed, max_points, data)
+    m = gmm.meta
+    out.print(f"[bold green]done[/]: {ckpt_dir / 'sampler_gmm.npz'}")
+    out.print(f"  {m['k']} components on {m['points']:,} latents, {m['iterations']} EM iterations")
+    out.print(f"  mean log-likelihood {m['mean_loglik']:.2f}, sha256 {gmm.sha256()[:16]}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: str = typer.Option(..., help="Run directory (its best checkpoint) or checkpoint directory."),
+    data: str = typer.Option(None, help="Real held-out images to compare with (default: the run's split)."),
+    samples: int = typer.Option(5000, help="Samples per sampler, and real images compared."),
+    output: str = typer.Option(None, help="Where metrics.json and report.html go (default: RUN/eval)."),
+    seed: int = typer.Option(0, help="Fixes the samples, subsets and classifiers."),
+    max_train: int = typer.Option(10_000, help="Training images for nearest neighbours and classifiers."),
+    usefulness: bool = typer.Option(
+        True, "--usefulness/--no-usefulness", help="TSTR and augmentation (labeled data, conditional model)."
+    ),
+    classifier_steps: int = typer.Option(600, help="Training steps of each usefulness classifier."),
+) -> None:
+    """Score a checkpoint: held-out ELBO, FID/KID/precision/recall/density/coverage per sampler,
+    memorisation, usefulness; writes metrics.json and a self-contained report.html."""
+    from vaeforge.evaluate import run_evaluate
+
+    cfg = EvaluateConfig(
+        checkpoint=checkpoint,
+        data=data,
+        output=output,
+        samples=samples,
+        seed=seed,
+        max_train=max_train,
+        usefulness=usefulness,
+        classifier_steps=classifier_steps,
+    )
+    result = run_evaluate(cfg, lambda msg: err.print(f"evaluate: {msg}", highlight=False))
+    m = result.metrics
+    out.print(f"[bold green]done[/]: {result.output / 'report.html'}  (+ metrics.json)")
+    if "likelihood" in m:
+        lk = m["likelihood"]
+        out.print(f"  held-out -ELBO {lk['neg_elbo_nats']:.1f} nats ({lk['bits_per_dim']:.3f} bits/dim)")
+    for name, sm in m["samplers"].items():
+        d = sm["distribution"]
+        out.print(
+            f"  {name:6s} FID {d['fid']:.2f}  precision {d['precision']:.3f}  recall {d['recall']:.3f}  "
+            f"density {d['density']:.3f}  coverage {d['coverage']:.3f}"
+        )
+    use = m["usefulness"]
+    if "tstr" in use:
+        t, a = use["tstr"], use["augmentation"]
+        out.print(f"  TSTR {t['tstr_accuracy']:.3f} vs real->real {t['real_accuracy']:.3f}")
+        out.print(
+            f"  augmentation {a['subset_accuracy']:.3f} -> {a['augmented_accuracy']:.3f} ({a['gain']:+.3f})"
+        )
+    else:
+        out.print(f"  usefulness not measured: {use['skipped']}")
 
 
 @app.command("model-summary")

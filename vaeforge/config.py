@@ -175,6 +175,8 @@ class GenerateConfig:
     seed: int = 0  # (plan)
     sampler: str = "prior"  # (plan)
     temperature: float = 1.0  # (plan) scales the prior's standard deviation
+    # (plan) conditional models: "all" (training proportions), "balanced" or "C:N,C:N"; None = "all"
+    classes: str | None = None
     prefix: str = "samples"  # (plan) shard names are {prefix}-{i:06d}.tar / .parquet
     batch_size: int = 256  # decoder batch; 256 keeps a CPU core's caches busy without a large footprint
     # CPU actors; None: one per GPU if there are GPUs, else one single-threaded actor per core, which
@@ -235,6 +237,7 @@ class GenerateConfig:
             "sampler",
             "temperature",
             "prefix",
+            "classes",
         )
         return {k: getattr(self, k) for k in keys}
 

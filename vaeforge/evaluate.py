@@ -19,8 +19,7 @@ import torch
 
 from vaeforge import __version__
 from vaeforge.checkpoint import load_vae
-from vaeforge.config import EvaluateConfig, TrainConfig
-from vaeforge.data import load_images
+from vaeforge.config import EvaluateConfig
 from vaeforge.errors import UserError
 from vaeforge.inference import decode_latents, encode_means
 from vaeforge.metrics.classifier import ClassifierConfig, augmentation_gain, tstr
@@ -29,85 +28,16 @@ from vaeforge.metrics.features import FEATURE_SPACE, extract_features
 from vaeforge.metrics.likelihood import heldout_likelihood
 from vaeforge.metrics.memorization import memorization
 from vaeforge.model import VAE
+from vaeforge.run_data import EvalData, find_run, load_eval_data
 from vaeforge.sampling import gmm_path, load_gmm, prior_latents
 
 Progress = Callable[[str], None]
-RUN_FILE = "run.json"
-
-
-@dataclass
-class EvalData:
-    """Real images: the run's training split (memorisation, classifiers) and a held-out set (the rest)."""
-
-    train: np.ndarray
-    train_labels: np.ndarray
-    holdout: np.ndarray
-    holdout_labels: np.ndarray
-    class_names: list[str]
-    holdout_source: str
-
-    @property
-    def labeled(self) -> bool:
-        return (
-            bool(len(self.class_names))
-            and (self.train_labels >= 0).all()
-            and (self.holdout_labels >= 0).all()
-        )
 
 
 @dataclass
 class EvaluateResult:
     output: Path
     metrics: dict[str, Any]
-
-
-def find_run(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """run.json of the training run a checkpoint came from (<run>/checkpoints/<ckpt>/), if it is there."""
-    for parent in (checkpoint_dir, *checkpoint_dir.parents[:2]):
-        path = parent / RUN_FILE
-        if path.is_file():
-            try:
-                return {**json.loads(path.read_text()), "dir": str(parent)}
-            except ValueError:
-                raise UserError(f"{path} is damaged; pass --data to evaluate against other images") from None
-    return None
-
-
-def load_eval_data(cfg: EvaluateConfig, run: dict[str, Any] | None, image_size: int) -> EvalData:
-    """The run's recorded data and split; --data replaces the held-out side (e.g. a real test set)."""
-    from vaeforge.train import load_data, split_indices  # the same loader and split as training
-
-    train = train_labels = None
-    names: list[str] = []
-    if run is not None:
-        tcfg = TrainConfig.from_dict(run["config"])
-        data = load_data(tcfg)
-        train_idx, val_idx = split_indices(len(data.images), tcfg)
-        train, train_labels, names = data.images[train_idx], data.labels[train_idx], data.class_names
-        holdout, holdout_labels, source = (
-            data.images[val_idx],
-            data.labels[val_idx],
-            "the run's held-out split",
-        )
-    if cfg.data is not None:
-        other = load_images(cfg.data, image_size=image_size)
-        holdout, holdout_labels, source = other.images, other.labels, cfg.data
-        if names and other.class_names and other.class_names != names:
-            holdout_labels = _relabel(other.labels, other.class_names, names)
-        names = names or other.class_names
-    if run is None and cfg.data is None:
-        raise UserError("this checkpoint has no run.json beside it; pass --data with real images to compare")
-    if train is None:  # no run: the given data serves as both sides, split in half by the seed
-        order = np.random.default_rng([cfg.seed, 3]).permutation(len(holdout))
-        half = len(order) // 2
-        train, train_labels = holdout[np.sort(order[:half])], holdout_labels[np.sort(order[:half])]
-        holdout, holdout_labels = holdout[np.sort(order[half:])], holdout_labels[np.sort(order[half:])]
-    return EvalData(train, train_labels, holdout, holdout_labels, names, source)
-
-
-def _relabel(labels: np.ndarray, names: list[str], target: list[str]) -> np.ndarray:
-    index = {n: i for i, n in enumerate(target)}
-    return np.array([index.get(names[i], -1) if i >= 0 else -1 for i in labels], dtype=np.int64)
 
 
 def _subset(n_have: int, n_want: int, seed: int, salt: int) -> np.ndarray:
@@ -142,7 +72,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a directory")
     say("loading the real images")
-    data = load_eval_data(cfg, run, model.config.image_size)
+    data = load_eval_data(run, cfg.data, cfg.seed, model.config.image_size)
     hold = data.holdout[_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
     hold_labels = data.holdout_labels[_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
     train_sel = _subset(len(data.train), cfg.max_train, cfg.seed, 2)
@@ -158,11 +88,11 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         "train_n": len(train),
         "seed": cfg.seed,
     }
-    if not conditional:
+    if not conditional or (hold_labels >= 0).all():
         say("held-out likelihood")
-        metrics["likelihood"] = heldout_likelihood(
-            model, hold, recon_loss=recon_loss, seed=cfg.seed
-        ).to_dict()
+        y = hold_labels if conditional else None
+        lk = heldout_likelihood(model, hold, recon_loss=recon_loss, seed=cfg.seed, labels=y)
+        metrics["likelihood"] = {**lk.to_dict(), "conditional_on_label": conditional}
     say("features of the real images")
     real_f, train_f = extract_features(hold), extract_features(train)
     samplers = ["prior"] + (["gmm"] if gmm_path(ckpt_dir).is_file() else [])

@@ -28,7 +28,7 @@ from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker
-from vaeforge.sampling import load_gmm
+from vaeforge.sampling import load_gmm, parse_classes, shard_class_quotas
 from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
@@ -63,16 +63,25 @@ def checkpoint_identity(checkpoint: str) -> tuple[str, str]:
     return location, h.hexdigest()
 
 
-def plan_shards(cfg: GenerateConfig) -> list[ShardTask]:
-    """Shard i holds samples 0..count_i-1; every shard is full but the last."""
+def plan_shards(cfg: GenerateConfig, class_totals: list[int] | None = None) -> list[ShardTask]:
+    """Shard i holds samples 0..count_i-1; every shard is full but the last. With class totals (a
+    conditional model), each shard also gets its exact share of every class."""
+    sizes = [min(cfg.shard_size, cfg.count - i * cfg.shard_size) for i in range(cfg.num_shards)]
+    quotas = shard_class_quotas(class_totals, sizes) if class_totals else [None] * len(sizes)
     return [
-        ShardTask(
-            i,
-            min(cfg.shard_size, cfg.count - i * cfg.shard_size),
-            storage.join(cfg.output, shard_name(cfg.prefix, i, cfg.format)),
-        )
-        for i in range(cfg.num_shards)
+        ShardTask(i, size, storage.join(cfg.output, shard_name(cfg.prefix, i, cfg.format)), class_counts=q)
+        for i, (size, q) in enumerate(zip(sizes, quotas, strict=True))
     ]
+
+
+def class_totals(cfg: GenerateConfig, num_classes: int, meta: dict[str, Any]) -> list[int] | None:
+    """Samples per class for a conditional model (None for an unconditional one)."""
+    if num_classes == 0:
+        if cfg.classes is not None:
+            raise UserError("--classes needs a conditional model (vaeforge train --conditional)")
+        return None
+    counts = meta.get("data", {}).get("class_counts")
+    return parse_classes(cfg.classes or "all", num_classes, counts, cfg.count)
 
 
 def sampler_identity(cfg: GenerateConfig, ckpt_dir: str) -> dict[str, Any]:
@@ -177,10 +186,11 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     notify = progress or (lambda event: None)
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
-    local_dir = load_vae(ckpt_dir).path  # fail here, with one line, rather than in every actor
-    sampler = sampler_identity(cfg, str(local_dir))
+    loaded = load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
+    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta)
+    sampler = sampler_identity(cfg, str(loaded.path))
     done = prepare_output(cfg, sha, sampler)
-    tasks = plan_shards(cfg)
+    tasks = plan_shards(cfg, totals)
     todo = [t for t in tasks if t.index not in done]
     if todo:  # the shard set is about to change: nothing may claim completeness until the manifest is new
         for name in (SUCCESS, MANIFEST):

@@ -19,7 +19,7 @@ from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
 from vaeforge.encode import EncoderPool, encode_image, extension
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
-from vaeforge.sampling import make_sampler
+from vaeforge.sampling import make_sampler, shard_labels
 from vaeforge.writers import clean_dead_staging, make_writer
 
 FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
@@ -31,6 +31,7 @@ class ShardTask:
     count: int
     path: str  # final path of the shard file
     attempt: int = 0
+    class_counts: tuple[int, ...] | None = None  # a conditional model's samples per class in this shard
 
 
 def sample_key(shard: int, index: int) -> str:
@@ -51,6 +52,7 @@ class ShardWorker:
         loaded = load_vae(checkpoint, map_location=self.device)
         self.decoder = loaded.model.decoder.to(self.device, memory_format=torch.channels_last).eval()
         self.latent_dim = loaded.model.config.latent_dim
+        self.class_names = list(loaded.meta.get("data", {}).get("classes") or [])
         self.sampler = make_sampler(cfg.sampler, loaded.path, self.latent_dim, cfg.temperature)
         self.cfg, self.checkpoint_id = cfg, checkpoint_id
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -72,10 +74,11 @@ class ShardWorker:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
     @torch.inference_mode()
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """(B, D) latents -> (B, H, W, 3) uint8."""
+    def decode(self, z: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """(B, D) latents (+ (B,) labels for a conditional model) -> (B, H, W, 3) uint8."""
+        y = None if labels is None else torch.from_numpy(labels).to(self.device)
         with autocast(self.precision, self.device):
-            images = self.decoder(torch.from_numpy(z).to(self.device))
+            images = self.decoder(torch.from_numpy(z).to(self.device), y)
         return to_uint8_hwc(images).numpy()
 
     def run(self, task: ShardTask) -> dict[str, Any]:
@@ -84,15 +87,17 @@ class ShardWorker:
         cfg = self.cfg
         ext = extension(cfg.image_format)
         writer = make_writer(cfg.format, task.path, image_ext=ext)
+        labels = None if task.class_counts is None else shard_labels(task.class_counts)
         try:
-            pending = None  # (start, n, future) of the batch being encoded while the next one decodes
+            pending = None  # (start, labels, future) of the batch being encoded while the next one decodes
             for start in range(0, task.count, cfg.batch_size):
                 n = min(cfg.batch_size, task.count - start)
                 z = self.sampler(cfg.seed, task.index, start, n)
-                future = self._encode(self.decode(z))
+                y = None if labels is None else labels[start : start + n]
+                future = self._encode(self.decode(z, y))
                 if pending is not None:
                     self._write(writer, task, *pending)
-                pending = (start, n, future)
+                pending = (start, y, future)
             if pending is not None:
                 self._write(writer, task, *pending)
             info = writer.commit()
@@ -118,9 +123,12 @@ class ShardWorker:
         done.set_result([encode_image(img, self.cfg.image_format, self.cfg.quality) for img in images])
         return done
 
-    def _write(self, writer: Any, task: ShardTask, start: int, n: int, future: Any) -> None:
+    def _write(
+        self, writer: Any, task: ShardTask, start: int, labels: np.ndarray | None, future: Any
+    ) -> None:
         for j, data in enumerate(future.result()):
             i = start + j
+            label = None if labels is None else int(labels[j])
             meta = {
                 "seed": self.cfg.seed,
                 "shard": task.index,
@@ -128,8 +136,10 @@ class ShardWorker:
                 "sampler": self.cfg.sampler,
                 "temperature": self.cfg.temperature,
                 "checkpoint": self.checkpoint_id,
-                "label": None,
+                "label": label,
             }
+            if label is not None and label < len(self.class_names):
+                meta["class"] = self.class_names[label]
             writer.write(sample_key(task.index, i), data, meta)
 
 

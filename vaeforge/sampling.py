@@ -201,11 +201,13 @@ def fit_checkpoint_gmm(
     k: int = 10,
     seed: int = 0,
     max_points: int = 20_000,
+    labels: np.ndarray | None = None,
 ) -> GaussianMixture:
     """Fit the mixture on the encoder means of `images` (the run's training split) and store it beside
     the checkpoint, where `generate --sampler gmm` finds it.
 
     Args:
+        labels: the images' labels, which a conditional model's encoder needs.
         max_points: a seeded subset caps EM's cost, which grows with N * k * D^2; 20,000 points is
             ~40 per parameter-dimension for D=512 and a few minutes on a CPU.
     """
@@ -213,8 +215,8 @@ def fit_checkpoint_gmm(
 
     if len(images) > max_points:
         keep = np.sort(np.random.default_rng([seed, 11]).choice(len(images), max_points, replace=False))
-        images = images[keep]
-    gmm = fit_gmm(encode_means(model, images), k=k, seed=seed)
+        images, labels = images[keep], None if labels is None else labels[keep]
+    gmm = fit_gmm(encode_means(model, images, labels=labels), k=k, seed=seed)
     gmm.meta.update(checkpoint=str(checkpoint_dir))
     tmp = gmm_path(checkpoint_dir).with_suffix(".tmp.npz")
     gmm.save(tmp)
@@ -262,6 +264,18 @@ def parse_classes(
     if sum(totals) == 0 or (count is not None and count != sum(totals)):
         raise UserError(f"--classes {spec} asks for {sum(totals):,} samples but --count is {count:,}")
     return totals
+
+
+def explicit_total(spec: str | None) -> int | None:
+    """The sum of an explicit "C:N,C:N" spec (what --count defaults to), None for other specs."""
+    if spec is None or spec in ("all", "balanced"):
+        return None
+    try:
+        return sum(int(part.split(":")[1].replace("_", "")) for part in spec.split(","))
+    except (IndexError, ValueError):
+        raise UserError(
+            f"--classes must be all, balanced or CLASS:COUNT,... (e.g. 3:10000), got {spec!r}"
+        ) from None
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> list[int]:

@@ -164,6 +164,8 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
         **split,
         "images": len(data.images),
         "classes": data.class_names,
+        # what `generate --classes all` reproduces: the training data's class proportions
+        "class_counts": np.bincount(data.labels[data.labels >= 0], minlength=len(data.class_names)).tolist(),
         "source": data.report["source"],
     }
     loop_config = {

@@ -1,0 +1,88 @@
+"""fit-sampler, conditional generation with --classes and `vaeforge evaluate`, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from vaeforge.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+
+TINY = ["--preset", "tiny", "--max-samples", "384", "--batch-size", "32", "--builtin-count", "384"]
+
+
+def cli(*argv: str) -> None:
+    try:
+        main(list(argv))
+    except SystemExit as e:  # main() exits only on errors
+        pytest.fail(f"vaeforge {argv[0]} exited with {e.code}")
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Path:
+    """A tiny conditional run on the built-in shapes (6 classes), with a fitted mixture."""
+    run = tmp_path_factory.mktemp("cond") / "run"
+    cli("train", *TINY, "--conditional", "--epochs", "1", "--precision", "fp32", "--output", str(run))
+    cli("fit-sampler", "--checkpoint", str(run), "--k", "3", "--max-points", "300")
+    return run
+
+
+@pytest.mark.timeout(600)
+def test_gmm_sampler_and_explicit_classes(cond_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    cli("generate", "--checkpoint", str(cond_run), "--classes", "0:30,2:10", "--sampler", "gmm",
+        "--shard-size", "15", "--precision", "fp32", "--output", str(out))  # fmt: skip
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False))
+    assert len(samples) == 40  # --count defaults to the sum of the class counts
+    assert Counter(int(s["cls"]) for s in samples) == {0: 30, 2: 10}
+    metas = [json.loads(s["json"]) for s in samples]
+    assert {m["sampler"] for m in metas} == {"gmm"}
+    assert {m["class"] for m in metas if m["label"] == 2} == {"triangle"} or len(
+        {m["class"] for m in metas}
+    ) == 2
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["config"]["classes"] == "0:30,2:10" and manifest["sampler_fit"]["k"] == 3
+    # every shard mixes the classes rather than holding one
+    per_shard = Counter((m["shard"], m["label"]) for m in metas)
+    assert all(per_shard[(s, 2)] >= 1 for s in range(2))
+
+
+@pytest.mark.timeout(900)
+def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    cli("evaluate", "--checkpoint", str(cond_run), "--samples", "60", "--max-train", "200",
+        "--classifier-steps", "20", "--output", str(out))  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["samplers"]) == {"prior", "gmm"}
+    for s in m["samplers"].values():
+        assert s["distribution"]["fid"] >= 0 and 0 <= s["distribution"]["coverage"] <= 1
+        assert s["memorization"]["n_generated"] == 60
+    assert m["likelihood"]["neg_elbo_nats"] > 0 and m["likelihood"]["conditional_on_label"]
+    assert 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
+    assert "gain" in m["usefulness"]["augmentation"]
+    page = (out / "report.html").read_text()
+    for section in ("metrics", "samples", "samples-per-class", "reconstructions", "interpolations",
+                    "latent-traversals", "nearest-neighbours"):  # fmt: skip
+        assert f"id='{section}'" in page, section
+    assert page.count("data:image/png;base64,") >= 8
+
+
+def test_classes_need_a_conditional_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from vaeforge.checkpoint import save_checkpoint
+    from vaeforge.config import get_preset
+    from vaeforge.model import VAE
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", VAE(get_preset("tiny")), {"epoch": 0, "metrics": {}})
+    torch.manual_seed(0)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", str(ckpt), "--count", "10", "--classes", "balanced",
+              "--output", str(tmp_path / "o")])  # fmt: skip
+    assert exc.value.code == 2
+    assert "--classes needs a conditional model" in capsys.readouterr().err
