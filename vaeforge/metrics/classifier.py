@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaeforge.metrics.features import check_images
+from vaeforge.metrics.features import check_images, image_batch
 from vaeforge.runtime import to_model_input
 
 
@@ -121,10 +121,7 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.n
     model.eval()
     device = next(model.parameters()).device
     out = [
-        model(to_model_input(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), device))
-        .argmax(dim=1)
-        .cpu()
-        .numpy()
+        model(to_model_input(image_batch(images, i, batch_size), device)).argmax(dim=1).cpu().numpy()
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out)

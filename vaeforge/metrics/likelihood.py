@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaeforge.metrics.features import check_images
+from vaeforge.metrics.features import check_images, image_batch
 from vaeforge.model import VAE, elbo_loss, psnr
 from vaeforge.runtime import to_model_input
 
@@ -72,9 +72,7 @@ def heldout_likelihood(
     sums = torch.zeros(5, dtype=torch.float64)  # recon, kl, mse, psnr, count
     try:
         for start in range(0, len(images), batch_size):
-            x = to_model_input(
-                torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])), device
-            )
+            x = to_model_input(image_batch(images, start, batch_size), device)
             y = None if labels is None else torch.as_tensor(labels[start : start + batch_size], device=device)
             terms = elbo_loss(x, model(x, generator=g, y=y), beta=1.0, recon_loss=recon_loss)
             mse = (model.reconstruct(x, y).float() - x).pow(2).flatten(1).mean(dim=1)  # (B,)
