@@ -105,7 +105,7 @@ def test_job_spec_is_submit_job_kwargs_with_a_parsing_entrypoint(name: str) -> N
     [
         ("python jobs/train.py --no-such-option 1", TyperException, "No such option: --no-such-option"),
         ("python jobs/train.py --workers two", TyperException, "valid integer"),
-        ("python jobs/generate.py --checkpoint run", TyperException, "Missing parameter: count"),
+        ("python jobs/generate.py --checkpoint run", UserError, "--count is required"),
         (
             "python jobs/generate.py --checkpoint run --count 10 --format tarball",
             UserError,
