@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_generate import user_error  # the same exit-2, one-line contract
 
 from vaeforge import storage
 from vaeforge.checkpoint import checkpoint_locations, load_vae, save_checkpoint
@@ -56,20 +57,6 @@ def run_cli(argv: list[str]) -> None:
         main(argv)
     except SystemExit as e:  # main() exits only on errors
         pytest.fail(f"vaeforge {argv[0]} exited with {e.code}")
-
-
-def user_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI expecting a user error: exit 2, no traceback, one `error:` line said last."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len([line for line in lines if line.startswith("error:")]) == 1, captured.err
-    assert lines[-1].startswith("error:")
-    return lines[-1]
 
 
 def s3_objects(prefix: str) -> dict[str, bytes]:
@@ -156,6 +143,7 @@ def test_load_vae_from_a_uri(s3_prefix: str, tiny_ckpt: Path, tmp_path: Path, mo
 # --------------------------------------------------------------------------------------- one-line errors
 
 
+@pytest.mark.usefixtures("s3_bucket")  # the endpoint must be moto, or the bucket lookup goes to AWS
 def test_missing_bucket_is_one_error_line(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gen = ["generate", "--checkpoint", str(tiny_ckpt), "--count", "10", "--output", "s3://no-such-bkt/x"]
     assert "bucket 'no-such-bkt' does not exist" in user_error(gen, capsys)
