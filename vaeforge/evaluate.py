@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from vaeforge import __version__
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import EvaluateConfig
 from vaeforge.errors import UserError
-from vaeforge.inference import decode_latents, encode_means
+from vaeforge.inference import decode_latents
 from vaeforge.metrics.classifier import ClassifierConfig, augmentation_gain, tstr
 from vaeforge.metrics.distribution import distribution_metrics
 from vaeforge.metrics.features import FEATURE_SPACE, extract_features
@@ -161,11 +160,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def latent_means(model: VAE, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return encode_means(model, images, labels=labels if model.config.num_classes else None)

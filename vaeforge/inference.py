@@ -1,6 +1,6 @@
-"""Batched inference over uint8 image arrays: posterior means, reconstructions and per-image ELBO terms.
+"""Batched inference over uint8 image arrays: posterior means, decoded latents and reconstructions.
 
-Shared by fit-sampler, evaluate and score, so that all of them see images exactly as training did.
+Shared by fit-sampler, evaluate and the report, so that all of them see images exactly as training did.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vaeforge.model import VAE, VAEOutput, elbo_loss
+from vaeforge.model import VAE
 from vaeforge.runtime import to_model_input, to_uint8_hwc
 
 
@@ -67,34 +67,3 @@ def reconstruct(
     """(N, H, W, 3) uint8 -> their reconstructions from the posterior means, (N, H, W, 3) uint8."""
     z = encode_means(model, images, batch_size, labels)
     return decode_latents(model, z, batch_size, labels)
-
-
-@torch.inference_mode()
-def per_image_elbo(
-    model: VAE,
-    images: np.ndarray,
-    loss: str = "mse",
-    beta: float = 1.0,
-    batch_size: int = 256,
-    seed: int = 0,
-    labels: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-image negative ELBO terms as training defines them (nats), plus pixel MSE of the reconstruction.
-
-    One posterior sample per image from an explicit generator, so the numbers are reproducible.
-
-    Returns:
-        {"loss", "recon", "kl", "mse"}: (N,) float64 arrays.
-    """
-    model.eval()
-    gen = torch.Generator(device=_device(model)).manual_seed(seed)
-    cols: dict[str, list[np.ndarray]] = {"loss": [], "recon": [], "kl": [], "mse": []}
-    for start, batch in _batches(images, batch_size):
-        x = to_model_input(torch.from_numpy(np.asarray(batch)), _device(model))
-        y = _labels(model, labels, start, len(batch))
-        posterior = model.encoder(x, y)
-        terms = elbo_loss(x, VAEOutput(posterior, model.decoder.logits(posterior.sample(gen), y)), beta, loss)
-        terms.loss = terms.recon + beta * terms.kl  # per image, not the batch mean the optimiser uses
-        for k in cols:
-            cols[k].append(getattr(terms, k).double().cpu().numpy())
-    return {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}

@@ -154,6 +154,26 @@ def _num_classes(*label_sets: np.ndarray) -> int:
     return int(max(int(np.max(labels)) for labels in label_sets)) + 1
 
 
+def _check_sets(
+    synth: np.ndarray,
+    synth_labels: np.ndarray,
+    real_train: np.ndarray,
+    real_train_labels: np.ndarray,
+    real_test: np.ndarray,
+    real_test_labels: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The three labelled sets TSTR and augmentation compare, checked, and their shared class count."""
+    synth_labels = _check_labelled(synth, synth_labels, "synthetic set")
+    real_train_labels = _check_labelled(real_train, real_train_labels, "real training set")
+    real_test_labels = _check_labelled(real_test, real_test_labels, "real test set")
+    return (
+        synth_labels,
+        real_train_labels,
+        real_test_labels,
+        _num_classes(synth_labels, real_train_labels, real_test_labels),
+    )
+
+
 def _chance(labels: np.ndarray) -> float:
     return float(np.bincount(labels).max() / len(labels))
 
@@ -170,10 +190,9 @@ def tstr(
     device: str | torch.device = "cpu",
 ) -> TSTRResult:
     """Train-on-synthetic/test-on-real accuracy beside real/real accuracy, same classifier and budget."""
-    synth_labels = _check_labelled(synth, synth_labels, "synthetic set")
-    real_train_labels = _check_labelled(real_train, real_train_labels, "real training set")
-    real_test_labels = _check_labelled(real_test, real_test_labels, "real test set")
-    k = _num_classes(synth_labels, real_train_labels, real_test_labels)
+    synth_labels, real_train_labels, real_test_labels, k = _check_sets(
+        synth, synth_labels, real_train, real_train_labels, real_test, real_test_labels
+    )
     on_synth = train_classifier(synth, synth_labels, num_classes=k, config=config, device=device)
     on_real = train_classifier(real_train, real_train_labels, num_classes=k, config=config, device=device)
     acc_synth = accuracy(on_synth, real_test, real_test_labels)
@@ -233,10 +252,9 @@ def augmentation_gain(
     device: str | torch.device = "cpu",
 ) -> AugmentationResult:
     """Accuracy on real test of a classifier on `fraction` of the real labels, without and with synthetic."""
-    synth_labels = _check_labelled(synth, synth_labels, "synthetic set")
-    real_train_labels = _check_labelled(real_train, real_train_labels, "real training set")
-    real_test_labels = _check_labelled(real_test, real_test_labels, "real test set")
-    k = _num_classes(synth_labels, real_train_labels, real_test_labels)
+    synth_labels, real_train_labels, real_test_labels, k = _check_sets(
+        synth, synth_labels, real_train, real_train_labels, real_test, real_test_labels
+    )
     idx = stratified_subset(real_train_labels, fraction, config.seed)
     sub_x, sub_y = real_train[idx], real_train_labels[idx]
     base = train_classifier(sub_x, sub_y, num_classes=k, config=config, device=device)
