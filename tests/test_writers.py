@@ -118,6 +118,31 @@ def test_webdataset_members_are_fixed(tmp_path: Path) -> None:
     assert meta == make_meta(1)
 
 
+def test_webdataset_bytes_equal_tarfiles(tmp_path: Path) -> None:
+    """The writer builds member headers itself for speed; the file must be exactly what tarfile writes in
+    PAX format for the same members, including names ustar cannot hold (over 100 bytes, not ASCII), which
+    take tarfile's own path with pax records, and data sizes on and off the 512-byte block boundary."""
+    samples = [("a", b"x" * 512), ("k" * 120, b"y" * 3), ("bild_\u00fc\u00df", b""), ("z", b"q" * 1000)]
+    ours = tmp_path / "ours.tar"
+    with make_writer("webdataset", ours, image_ext="png", file_metadata=RUN_INFO) as w:
+        for i, (key, data) in enumerate(samples):
+            w.write(key, data, make_meta(i))
+        w.commit()
+    ref = io.BytesIO()
+    pax = {"comment": json.dumps(RUN_INFO, sort_keys=True)}
+    with tarfile.TarFile(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax) as tar:
+        for i, (key, data) in enumerate(samples):
+            meta = json.dumps(make_meta(i), sort_keys=True, separators=(",", ":")).encode()
+            label = make_meta(i)["label"]
+            members = [("png", data), ("json", meta)] + ([] if label is None else [("cls", b"%d" % label)])
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), TAR_MTIME, TAR_MODE
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+    assert ours.read_bytes() == ref.getvalue()
+
+
 @pytest.mark.parametrize("image_fmt", sorted(IMAGE_FORMATS))
 def test_every_image_format_reads_back(tmp_path: Path, image_fmt: str) -> None:
     images = make_images(3)
