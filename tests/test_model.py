@@ -13,7 +13,7 @@ import torch
 from vaeforge.checkpoint import CheckpointError, load_vae, resolve_checkpoint, save_checkpoint
 from vaeforge.config import PRESETS, ModelConfig, get_preset
 from vaeforge.errors import UserError
-from vaeforge.model import VAE, DiagonalGaussian, VAEOutput, elbo_loss, psnr
+from vaeforge.model import VAE, DiagonalGaussian, VAEOutput, elbo_loss, fold_batchnorm, psnr
 from vaeforge.runtime import bf16_is_fast, resolve_precision
 from vaeforge.summary import count_params, summarize
 
@@ -117,6 +117,27 @@ def hand_case(batch: str = "A") -> tuple[torch.Tensor, VAEOutput]:
     logits = torch.tensor([r[2] for r in picked]).view(-1, 1, 1, 2)  # (B, C=1, H=1, W=2)
     x = torch.tensor([r[3] for r in picked]).view(-1, 1, 1, 2)
     return x, VAEOutput(DiagonalGaussian(mean, logvar), logits)
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_fold_batchnorm_gives_the_same_images_with_no_batchnorm_left(num_classes: int) -> None:
+    """Generation decodes with BatchNorm folded into the layers before it; with non-trivial running
+    statistics and affine parameters, that must still be the same decoder."""
+    torch.manual_seed(0)
+    decoder = VAE(dataclasses.replace(PRESETS["tiny"], num_classes=num_classes)).decoder
+    for module in decoder.modules():
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            for t in (module.running_mean, module.running_var, module.weight, module.bias):
+                t.data = torch.rand_like(t) + 0.5
+    decoder.eval()
+    z = torch.randn(16, decoder.dense[0].in_features - num_classes)
+    y = torch.arange(16) % num_classes if num_classes else None
+    fused = fold_batchnorm(decoder)
+    bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, bn) for m in fused.modules())
+    assert sum(isinstance(m, bn) for m in decoder.modules()) > 0  # the original is untouched
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(z, y), decoder(z, y), atol=1e-5, rtol=1e-4)
 
 
 def test_elbo_mse_by_hand() -> None:

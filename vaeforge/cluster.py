@@ -13,8 +13,9 @@ def joins_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine."""
+def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True) -> dict[str, Any]:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray sized so the workers fit on this machine,
+    with its dashboard unless `dashboard` is False (a cluster's own dashboard is the cluster's business)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -26,7 +27,7 @@ def init_ray(address: str | None, num_cpus_needed: float) -> dict[str, Any]:
             context = ray.init(address=address, **quiet)
         else:
             cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
-            context = ray.init(num_cpus=cpus, **quiet)
+            context = ray.init(num_cpus=cpus, include_dashboard=dashboard, **quiet)
     url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
     url = f"http://{url}" if url and not url.startswith("http") else url
     return {

@@ -96,6 +96,7 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: share the local cores evenly between workers
     address: str | None = None  # None: RAY_ADDRESS, else start a local Ray
+    dashboard: bool = True  # start Ray's dashboard along with a local Ray
     resume: bool = False
     overwrite: bool = False
     max_failures: int = 0  # worker-group restarts Ray Train may do; each restores the latest checkpoint
@@ -189,6 +190,7 @@ class GenerateConfig:
     encode_threads: int | None = None
     max_retries: int = 3  # attempts per shard beyond the first before the run stops
     address: str | None = None
+    dashboard: bool = True  # start Ray's dashboard along with a local Ray
     overwrite: bool = False
     progress: bool = True
 

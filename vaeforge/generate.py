@@ -295,7 +295,7 @@ def _run_pool(
     """
     import ray
 
-    info = init_ray(cfg.address, 1.0)
+    info = init_ray(cfg.address, 1.0, cfg.dashboard)
     notify({"kind": "ray", **info})
     n_actors, resources, threads = _worker_plan(cfg)
     actor_cls = ray.remote(max_restarts=0)(_RayShardWorker).options(**_with_storage_env(resources))

@@ -158,7 +158,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
 
     import ray
 
-    ray_info = init_ray(cfg.address, cfg.workers * (cfg.cpus_per_worker or 1.0))
+    ray_info = init_ray(cfg.address, cfg.workers * (cfg.cpus_per_worker or 1.0), cfg.dashboard)
     notify({"kind": "ray", **ray_info})
     data_stats = {
         **split,
