@@ -1,15 +1,19 @@
-"""pytorch-fid's InceptionV3 without torchvision: keys, shapes, pooling quirks, preprocessing and
-weights-file checks. Random weights only: nothing downloads."""
+"""pytorch-fid's InceptionV3 without torchvision: keys, shapes, pooling quirks, preprocessing, weights-file
+checks and `vaeforge evaluate --inception-weights`. Random weights only: nothing downloads."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_generate import user_error  # the same exit-2, one-line contract
 
+from vaeforge.checkpoint import save_checkpoint
 from vaeforge.config import get_preset
 from vaeforge.errors import UserError
 from vaeforge.metrics.distribution import fid
@@ -238,3 +242,44 @@ def test_unreadable_files_are_one_line_user_errors(tmp_path: Path) -> None:
             load_inception(path)
         msg = str(exc.value)
         assert str(path) in msg and words in msg and "\n" not in msg, msg
+
+
+# ---------------------------------------------------------------- through `vaeforge evaluate`
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny VAE, as in test_generate: no training (and no Ray) needed to evaluate it."""
+    torch.manual_seed(0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "ckpt", VAE(get_preset("tiny")).eval(), {"epoch": 0, "metrics": {}}
+    )
+
+
+def test_evaluate_with_a_missing_weights_file_fails_fast(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.pth"
+    # no --data: without the early check, evaluate would fail on the data instead
+    line = user_error(["evaluate", "--checkpoint", str(ckpt), "--inception-weights", str(missing)], capsys)
+    assert str(missing) in line and "never downloads" in line
+
+
+def test_evaluate_reports_inception_fid(
+    ckpt: Path, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vaeforge.cli import main
+
+    data = tmp_path / "real"
+    data.mkdir()
+    for i, img in enumerate(images(3, 20)):
+        Image.fromarray(img).save(data / f"{i:02d}.png")
+    out = tmp_path / "eval"
+    main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--samples", "10", "--max-train", "10",
+          "--no-usefulness", "--inception-weights", str(weights_file), "--output", str(out)])  # fmt: skip
+    inc = json.loads((out / "metrics.json").read_text())["samplers"]["prior"]["inception"]
+    assert inc["feature_space"] == "inception-v3-pytorch-fid" and inc["fid"] > 0
+    assert inc["weights_sha256"] == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert inc["n_real"] == inc["n_fake"] == 10
+    assert "prior: inception_fid" in (out / "report.html").read_text()
+    assert "Inception FID" in capsys.readouterr().out
