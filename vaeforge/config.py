@@ -261,6 +261,8 @@ class EvaluateConfig:
     seed: int = 0
     usefulness: bool = True  # TSTR and augmentation (labeled data, conditional model)
     classifier_steps: int = 600
+    # pytorch-fid's InceptionV3 weights file: adds standard FID. None: no Inception (nothing downloads it).
+    inception_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 10:

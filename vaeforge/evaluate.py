@@ -22,8 +22,9 @@ from vaeforge.config import EvaluateConfig
 from vaeforge.errors import UserError
 from vaeforge.inference import decode_latents
 from vaeforge.metrics.classifier import ClassifierConfig, augmentation_gain, tstr
-from vaeforge.metrics.distribution import distribution_metrics
+from vaeforge.metrics.distribution import distribution_metrics, fid
 from vaeforge.metrics.features import FEATURE_SPACE, extract_features
+from vaeforge.metrics.inception import InceptionEmbedding, load_inception
 from vaeforge.metrics.likelihood import heldout_likelihood
 from vaeforge.metrics.memorization import memorization
 from vaeforge.model import VAE
@@ -66,6 +67,11 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_vae(cfg.checkpoint)
     model, ckpt_dir = loaded.model.eval(), Path(loaded.path)
+    inception = None
+    if cfg.inception_weights:  # load it now: a bad file must fail before the long computation
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        inception = load_inception(cfg.inception_weights, device)
+        say(f"InceptionV3 weights loaded (sha256 {inception.weights_sha256[:16]}...), running on {device}")
     run = find_run(ckpt_dir)
     out = Path(cfg.output) if cfg.output else Path(run["dir"] if run else ckpt_dir) / "eval"
     if out.exists() and not out.is_dir():
@@ -94,6 +100,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         metrics["likelihood"] = {**lk.to_dict(), "conditional_on_label": conditional}
     say("features of the real images")
     real_f, train_f = extract_features(hold), extract_features(train)
+    real_inc = _inception_features(inception, hold, "the real images", say) if inception else None
     samplers = ["prior"] + (["gmm"] if gmm_path(ckpt_dir).is_file() else [])
     samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     metrics["samplers"] = {}
@@ -104,6 +111,9 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         dist = distribution_metrics(real_f, feats, feature_space=FEATURE_SPACE, seed=cfg.seed)
         mem = memorization(feats, train_f, real_f, feature_space=FEATURE_SPACE)
         metrics["samplers"][name] = {"distribution": dist.to_dict(), "memorization": mem.to_dict()}
+        if inception is not None:
+            fake_inc = _inception_features(inception, images, f"the {name} samples", say)
+            metrics["samplers"][name]["inception"] = _inception_fid(inception, real_inc, fake_inc)
         samples[name] = (images, labels)
     best = min(samplers, key=lambda s: metrics["samplers"][s]["distribution"]["fid"])
     metrics["best_sampler"] = best
@@ -118,6 +128,31 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     tmp.write_text(page)
     tmp.replace(out / "report.html")
     return EvaluateResult(out, metrics)
+
+
+def _inception_features(net: InceptionEmbedding, images: np.ndarray, what: str, say: Progress) -> np.ndarray:
+    """pytorch-fid features of `images`, saying how far it got about every 500 images (slow on a CPU)."""
+    say(f"InceptionV3 features of {what} ({len(images):,} images at 299x299)")
+    said = 0
+
+    def tick(done: int, total: int) -> None:
+        nonlocal said
+        if done - said >= 500 and done < total:  # a line per ~500 images, not one per batch
+            said = done
+            say(f"  InceptionV3 {done:,}/{total:,}")
+
+    return net(images, progress=tick)
+
+
+def _inception_fid(net: InceptionEmbedding, real: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
+    return {
+        "fid": fid(real, fake),
+        "feature_space": net.version,
+        "weights_sha256": net.weights_sha256,
+        "device": str(net.device),  # a GPU's features differ from a CPU's by float rounding
+        "n_real": len(real),
+        "n_fake": len(fake),
+    }
 
 
 def _usefulness(

@@ -21,6 +21,8 @@ DEFINITIONS = {
     "mse": "mean squared pixel error of posterior-mean reconstructions on [0, 1]; lower is better",
     "psnr_db": "peak signal-to-noise ratio of those reconstructions in dB; higher is better",
     "fid": "Frechet distance between Gaussian fits of real and sample features; lower is better, 0 = same",
+    "inception_fid": "standard FID: the same distance in pytorch-fid's InceptionV3 pool3 features (2048-d, "
+    "299x299); compares with published FIDs only at equal sample counts and image sizes; lower is better",
     "kid_mean": "unbiased squared MMD with a cubic polynomial kernel on the features; lower, ~0 = same",
     "precision": "share of samples inside the real data's k=3 nearest-neighbour manifold: fidelity",
     "recall": "share of real images inside the samples' k=3 manifold: diversity",
@@ -45,7 +47,10 @@ def metric_rows(metrics: dict[str, Any]) -> list[Metric]:
     rows = _rows("", metrics.get("likelihood", {}), ("neg_elbo_nats", "bits_per_dim", "mse", "psnr_db"))
     for name, m in metrics["samplers"].items():
         d, mem = m["distribution"], m["memorization"]
-        rows += _rows(f"{name}: ", d, ("fid", "kid_mean", "precision", "recall", "density", "coverage"))
+        rows += _rows(f"{name}: ", d, ("fid",))
+        if "inception" in m:
+            rows.append(Metric(f"{name}: inception_fid", m["inception"]["fid"], DEFINITIONS["inception_fid"]))
+        rows += _rows(f"{name}: ", d, ("kid_mean", "precision", "recall", "density", "coverage"))
         rows += _rows(f"{name}: ", mem, ("generated_p05", "holdout_p05", "near_duplicates"))
     use = metrics["usefulness"]
     if "skipped" in use:
@@ -146,4 +151,7 @@ def build_report(
         "feature space": metrics["feature_space"],
         "vaeforge": metrics["vaeforge_version"],
     }
+    inception = [m["inception"] for m in metrics["samplers"].values() if "inception" in m]
+    if inception:
+        meta["inception_fid weights (sha256)"] = inception[0]["weights_sha256"]
     return render_report("vaeforge evaluation", meta, metric_rows(metrics), sections)

@@ -4,6 +4,7 @@ usefulness. Pure library code (numpy + torch): no Ray, no Typer, no I/O.
     features.py      the fixed, versioned random-conv embedding (FEATURE_SPACE) of uint8 images
     neighbours.py    chunked distances and k-NN radii
     distribution.py  FID, KID, precision/recall, density/coverage on feature matrices
+    inception.py     pytorch-fid's InceptionV3 (standard FID's features) from a user-supplied weights file
     memorization.py  nearest-training-image distances against a held-out baseline
     likelihood.py    held-out negative ELBO (nats, bits/dim), MSE and PSNR of a VAE
     classifier.py    a small fixed CNN, TSTR and augmentation gain
