@@ -9,6 +9,7 @@ tests fail without the fit.
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from pathlib import Path
 
@@ -220,6 +221,21 @@ def test_user_errors_are_one_line(outliers: dict, tmp_path: Path, capsys: pytest
     for expected, argv in cases.items():
         assert expected in user_error(["score", *argv], capsys), expected
     assert not Path(out).exists()
+
+
+def test_output_to_object_storage(outliers: dict, s3_prefix: str, tmp_path: Path) -> None:
+    """The table and the grid go to a URI as they go to a local path (one PUT each: all or nothing)."""
+    from vaeforge import storage
+
+    out = storage.join(s3_prefix, "scores", "s.parquet")
+    cfg = ScoreConfig(checkpoint=str(outliers["ckpt"]), data=str(outliers["data"]), output=out, top=3,
+                      cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    result = run_score(cfg)
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(out)))
+    assert table.num_rows == 43 and table["path"].to_pylist() == result.table["path"].to_pylist()
+    assert result.grid == storage.join(s3_prefix, "scores", "s_top.png")
+    with Image.open(io.BytesIO(storage.read_bytes(result.grid))) as grid:
+        assert grid.size == (4 * 18 + 2, 2 * 18 + 2)  # 3 pairs, 2 to a row
 
 
 def test_tiny_preset_checkpoint_scores_builtin_images(tmp_path: Path) -> None:
