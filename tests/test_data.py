@@ -120,6 +120,9 @@ def test_folder_labels_from_first_level_subfolders(labeled_folder: Path) -> None
     assert out.class_names == ["cat", "dog"]
     assert out.labels.tolist() == [0, 0, 1, -1]  # cat/a, cat/deep/b, dog/c, root.png (unlabeled)
     assert out.labels.dtype == np.int64
+    # each image's key is its file's absolute path, in the same order as the images
+    names = ["cat/a.png", "cat/deep/b.jpg", "dog/c.png", "root.png"]
+    assert out.keys == [str((labeled_folder / n).resolve()) for n in names]
     r = out.report
     assert (r["kind"], r["files"], r["images"], r["labeled"]) == ("folder", 4, 4, True)
     assert r["classes"] == ["cat", "dog"] and r["skipped"] == {}
@@ -277,6 +280,7 @@ def test_max_samples_counts_usable_images(tmp_path: Path) -> None:
         write(tmp_path / f"{i + 2}.png", encode(solid(colour)))
     out = load(tmp_path, max_samples=2)
     assert len(out.images) == 2 and out.report["skipped"] == {"empty": 1, "not_image": 1}
+    assert [Path(k).name for k in out.keys] == ["2.png", "3.png"]  # skipped files have no key
     assert out.images[0, 0, 0, 0] > 150 and out.images[1, 0, 0, 1] > 150  # red, then green
 
 
@@ -318,6 +322,8 @@ def test_webdataset_json_labels_and_missing_image(tmp_path: Path) -> None:
     assert out.class_names == ["ant", "zebra"]
     assert out.labels.tolist() == [1, 0, -1]
     assert out.report["skipped"] == {"missing_image": 1}
+    shard = str((tmp_path / "one.tar").resolve())
+    assert out.keys == [f"{shard}:a/x", f"{shard}:a/y", f"{shard}:a/w"]
 
 
 @pytest.mark.parametrize("fraction", [0.55, 0.6])  # inside a member's data / exactly between members
@@ -359,6 +365,7 @@ def test_parquet_raw_bytes_with_int_labels(tmp_path: Path) -> None:
     assert out.report["kind"] == "parquet" and out.report["images"] == 4
     assert out.labels.tolist() == [2, 0, 2, 1]
     assert out.class_names == ["0", "1", "2"]
+    assert [k.rsplit(":", 1)[1] for k in out.keys] == ["0", "1", "2", "3"]  # file:row
     assert out.report["skipped"] == {"empty": 1}
 
 
@@ -429,6 +436,7 @@ def test_builtin_is_deterministic_labeled_and_visible() -> None:
     # max_samples caps the count and keeps a prefix of the same sequence
     short = load_images(None, image_size=32, builtin_count=24, max_samples=5, num_workers=1, use_cache=False)
     assert short.images.tobytes() == a.images[:5].tobytes()
+    assert a.keys[:2] == ["builtin:000000", "builtin:000001"] and short.keys == a.keys[:5]
 
 
 def test_builtin_unknown_variant() -> None:
@@ -448,6 +456,7 @@ def test_second_load_hits_the_cache(labeled_folder: Path, tmp_path: Path) -> Non
     np.testing.assert_array_equal(first.images, second.images)
     np.testing.assert_array_equal(first.labels, second.labels)
     assert second.class_names == first.class_names
+    assert second.keys == first.keys and len(second.keys) == 4  # where each image came from survives
     assert not any(p.name.startswith(".tmp-") for p in cache.iterdir())  # temp dir renamed away
     # a changed input file (new size and mtime) is a different key
     write(labeled_folder / "dog" / "c.png", encode(solid(GREEN, (20, 20))))
@@ -459,6 +468,18 @@ def test_second_load_hits_the_cache(labeled_folder: Path, tmp_path: Path) -> Non
         load_images(str(labeled_folder), image_size=4, num_workers=1, cache_dir=cache).report["cache"]["hit"]
         is False
     )
+
+
+def test_cache_entry_without_keys_is_a_miss(labeled_folder: Path, tmp_path: Path) -> None:
+    """An entry written before keys were cached (or damaged) is decoded again, never served keyless."""
+    cache = tmp_path / "cache"
+    first = load_images(str(labeled_folder), image_size=8, num_workers=1, cache_dir=cache)
+    entry = Path(first.report["cache"]["path"])
+    (entry / "keys.json").unlink()
+    again = load_images(str(labeled_folder), image_size=8, num_workers=1, cache_dir=cache)
+    assert again.report["cache"]["hit"] is False and again.keys == first.keys
+    (entry / "keys.json").write_text(json.dumps(first.keys[:2]))  # wrong length: also a miss
+    assert load_images(str(labeled_folder), image_size=8, num_workers=1, cache_dir=cache).keys == first.keys
 
 
 def test_failed_cache_write_loses_only_the_cache(
@@ -499,6 +520,7 @@ def test_parallel_decoding_equals_serial(tmp_path: Path, monkeypatch: pytest.Mon
     parallel = load(tmp_path, num_workers=2)
     np.testing.assert_array_equal(serial.images, parallel.images)
     np.testing.assert_array_equal(serial.labels, parallel.labels)
+    assert serial.keys == parallel.keys and not any(k.endswith("999_bad.png") for k in serial.keys)
     assert serial.report["skipped"] == parallel.report["skipped"] == {"empty": 1}
     limited = load(tmp_path, num_workers=2, max_samples=13)  # stops early, cancels the rest
     np.testing.assert_array_equal(limited.images, serial.images[:13])

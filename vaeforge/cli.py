@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import errno
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -25,6 +26,7 @@ from vaeforge.config import (
     RECON_LOSSES,
     EvaluateConfig,
     GenerateConfig,
+    ScoreConfig,
     TrainConfig,
     get_preset,
     parse_count,
@@ -364,6 +366,136 @@ def evaluate(
         )
     else:
         out.print(f"  usefulness not measured: {use['skipped']}")
+
+
+@app.command()
+def score(
+    checkpoint: str = typer.Option(..., help="Run directory (its best checkpoint) or checkpoint directory."),
+    data: str = typer.Option(
+        ..., help="Images to score: a folder, WebDataset shards, Parquet or builtin, as `train --data` takes."
+    ),
+    output: str = typer.Option(
+        "scores.parquet", help="Parquet file (local or a URI) for the scores; the grid goes beside it."
+    ),
+    top: int = typer.Option(16, help="Most anomalous images to print and to draw in OUTPUT-STEM_top.png."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    seed: int = typer.Option(0, help="Fixes each image's posterior sample (with a hash of its pixels)."),
+    max_samples: int = typer.Option(None, help="Score only the first N usable images."),
+    cache_dir: str = typer.Option(None, help="Decoded-image cache (default: ~/.cache/vaeforge)."),
+    recon_loss: str = typer.Option(
+        None, help=f"Reconstruction term ({', '.join(RECON_LOSSES)}); default: the run's, else mse."
+    ),
+    label_check: bool = typer.Option(
+        True,
+        "--label-check/--no-label-check",
+        help="Conditional models: score under every class too, to find mislabeled files (a pass per class).",
+    ),
+    gpus: bool = typer.Option(
+        None, "--gpus/--no-gpus", help="Force GPU use on or off (default: if present)."
+    ),
+) -> None:
+    """Score each image by its negative ELBO (most anomalous first): outliers and mislabeled files.
+
+    Writes OUTPUT (Parquet: path, score, bits_per_dim, recon_mse, kl, outlier, label, class, rank, and
+    best_label / label_margin / label_mismatch for conditional models) and OUTPUT-STEM_top.png, the top
+    images each beside its reconstruction.
+    """
+    opts = dict(locals())  # exactly the parsed options
+    opts["use_gpu"] = opts.pop("gpus")
+    cfg = ScoreConfig(**opts)
+    from vaeforge.score import run_score
+
+    _print_scores(run_score(cfg, lambda msg: err.print(f"score: {msg}", highlight=False)), top)
+
+
+def _print_scores(result: Any, top: int) -> None:
+    """The top table, the threshold, the label check's findings and where everything went."""
+    rows = result.table.slice(0, top).to_pylist()
+    root = _common_dir(result.table["path"].to_pylist())
+    if root:
+        out.print(f"paths below {root}")  # its own line: soft-wrapped, so a long root stays whole
+    out.print(
+        _table(
+            f"Most anomalous {len(rows)} of {result.table.num_rows:,} images",
+            [">rank", ">-ELBO nats", ">recon MSE", "label", "path"],
+            [
+                [r["rank"], f"{r['score']:.1f}", f"{r['recon_mse']:.5f}", _label(r), _below(r["path"], root)]
+                for r in rows
+            ],
+        )
+    )
+    out.print(
+        f"median -ELBO {result.median:.1f} nats ({result.recon_loss}, beta 1); outlier threshold "
+        f"median + 3 x 1.4826 MAD = {result.threshold:.1f}: {result.outliers:,} images above it"
+    )
+    if result.label_check:
+        out.print(f"labels: {result.mismatches:,} images fit another class better (label_mismatch)")
+        if result.mismatches > result.table.num_rows / 2:  # a model that ignores y flags (K-1)/K of them
+            out.print(
+                "  [yellow]most of them: the model hardly uses its labels, so this check says little[/]"
+            )
+        _print_mismatches(result.table, top, root)
+    if result.skipped:
+        out.print(
+            "unreadable inputs, not scored: " + ", ".join(f"{n} {k}" for k, n in result.skipped.items())
+        )
+    out.print(
+        f"[bold green]done[/]: {result.output}  (top images beside their reconstructions: {result.grid})"
+    )
+
+
+def _print_mismatches(scores: Any, top: int, root: str) -> None:
+    """Images whose best class is not their label, the largest margin first."""
+    import pyarrow.compute as pc
+
+    by_margin = scores.filter(pc.field("label_mismatch")).sort_by([("label_margin", "descending")])
+    rows = by_margin.slice(0, top).to_pylist()
+    if rows:
+        out.print(
+            _table(
+                "Largest label margins: -ELBO under the given label minus under the best one",
+                [">rank", ">margin nats", "label", "best", "path"],
+                [
+                    [
+                        r["rank"],
+                        f"{r['label_margin']:.1f}",
+                        _label(r),
+                        _label(r, "best_"),
+                        _below(r["path"], root),
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+
+
+def _common_dir(paths: list[str]) -> str:
+    """The directory all these absolute local paths share ("" otherwise): tables show paths below it, so
+    the file names stay readable in a narrow terminal."""
+    if not paths or not all(p.startswith("/") for p in paths):
+        return ""  # URIs, builtin:N: shown whole
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return "" if root == "/" else root
+
+
+def _below(path: str, root: str) -> str:
+    return path[len(root) + 1 :] if root else path
+
+
+def _label(row: dict[str, Any], prefix: str = "") -> str:
+    label = row[f"{prefix}label"]
+    return "" if label is None else f"{label} {row[f'{prefix}class']}"
+
+
+def _table(title: str, headers: list[str], rows: list[list[Any]]) -> Table:
+    """A rich table; a header starting with '>' is right-aligned (numbers), the last column folds (paths)."""
+    table = Table(title=title, title_justify="left")
+    for h in headers[:-1]:
+        table.add_column(h.lstrip(">"), justify="right" if h.startswith(">") else "left")
+    table.add_column(headers[-1], overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    return table
 
 
 @app.command("model-summary")

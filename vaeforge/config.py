@@ -1,4 +1,4 @@
-"""Typed run configuration (ModelConfig, TrainConfig) and model presets; no torch, no I/O."""
+"""Typed configs of every command (ModelConfig, TrainConfig, ...) and model presets; no torch, no I/O."""
 
 from __future__ import annotations
 
@@ -271,3 +271,36 @@ class EvaluateConfig:
             raise UserError(f"--max-train must be at least 10, got {self.max_train}")
         if self.classifier_steps < 1:
             raise UserError("--classifier-steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything `vaeforge score` needs."""
+
+    checkpoint: str
+    data: str  # the images to score: a folder, shards, Parquet or builtin, as `train --data` takes
+    output: str = "scores.parquet"  # local path or URI; the grid goes beside it as <stem>_top.png
+    batch_size: int = 256  # as elsewhere in inference: keeps a CPU core's caches busy, small footprint
+    top: int = 16  # most anomalous images printed and drawn: one screen, a 4 x 4 grid of pairs
+    seed: int = 0  # with a hash of its pixels, fixes each image's posterior sample
+    max_samples: int | None = None  # None: every usable image
+    cache_dir: str | None = None  # decoded-image cache; None: the default cache root
+    recon_loss: str | None = None  # None: the training run's (run.json), else mse
+    # Conditional models: also score each image under every class (one pass per class) to spot
+    # mislabeled files. Off saves those passes when there are many classes.
+    label_check: bool = True
+    use_gpu: bool | None = None  # None: a GPU when there is one
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.top >= 1, f"--top must be at least 1, got {self.top}"),
+            (self.max_samples is None or self.max_samples >= 1, "--max-samples must be at least 1"),
+            (
+                self.recon_loss is None or self.recon_loss in RECON_LOSSES,
+                f"--recon-loss must be one of {', '.join(RECON_LOSSES)}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)

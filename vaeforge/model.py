@@ -20,10 +20,15 @@ class DiagonalGaussian:
         # Clamp so exp() can neither overflow in bf16 nor collapse to exactly zero variance.
         self.logvar = logvar.clamp(-30.0, 20.0)  # (B, D)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+    def sample(
+        self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mean + std * eps; eps (B, D) is `noise` when the caller fixes it per image, else drawn."""
+        eps = noise
+        if eps is None:
+            eps = torch.randn(
+                self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+            )
         return self.mean + torch.exp(0.5 * self.logvar) * eps  # (B, D)
 
     def mode(self) -> torch.Tensor:

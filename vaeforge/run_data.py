@@ -73,7 +73,7 @@ def load_eval_data(run: dict[str, Any] | None, data: str | None, seed: int, imag
         other = load_images(data, image_size=image_size)
         holdout, holdout_labels, source = other.images, other.labels, data
         if names and other.class_names and other.class_names != names:
-            holdout_labels = _relabel(other.labels, other.class_names, names)
+            holdout_labels = relabel(other.labels, other.class_names, names)
         names = names or other.class_names
     if train is None:  # no run: the given data serves as both sides, split in half by the seed
         order = np.random.default_rng([seed, 3]).permutation(len(holdout))
@@ -83,6 +83,7 @@ def load_eval_data(run: dict[str, Any] | None, data: str | None, seed: int, imag
     return EvalData(train, train_labels, holdout, holdout_labels, names, source)
 
 
-def _relabel(labels: np.ndarray, names: list[str], target: list[str]) -> np.ndarray:
+def relabel(labels: np.ndarray, names: list[str], target: list[str]) -> np.ndarray:
+    """Class indices into `names` as indices into `target`, matched by name; -1 where `target` lacks one."""
     index = {n: i for i, n in enumerate(target)}
     return np.array([index.get(names[i], -1) if i >= 0 else -1 for i in labels], dtype=np.int64)

@@ -41,6 +41,9 @@ class ImageSet:
     labels: np.ndarray  # (N,) int64; -1 where unlabeled
     class_names: list[str]  # index -> name; [] when the source is unlabeled
     report: dict  # JSON-serialisable: counts, skip reasons with examples, cache status
+    # (N,) where each image came from: its file path (for a folder, absolute), "shard.tar:key",
+    # "file.parquet:row" or "builtin:000123"
+    keys: list[str]
 
 
 def _validate(options: LoadOptions) -> None:
@@ -86,10 +89,10 @@ def _cache_material(source: Source) -> dict:
     }
 
 
-def _store(entry: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
+def _store(entry: Path, loaded: Loaded, meta: dict) -> dict:
     """Commit a cache entry; a failure (read-only dir, full disk) costs the cache, never the run."""
     try:
-        cache.store(entry, images, labels, meta)
+        cache.store(entry, loaded.images, loaded.labels, loaded.keys, meta)
     except OSError as e:
         warnings.warn(f"could not write the data cache at {entry}: {e}; continuing without it", stacklevel=3)
         return {"path": None, "hit": False, "error": str(e)}
@@ -149,7 +152,7 @@ def load_images(
     if hit is not None:
         report = {**hit.meta["report"], "source": data if data is not None else "builtin"}
         report["cache"] = {"path": str(entry), "hit": True}
-        return ImageSet(hit.images, hit.labels, list(hit.meta["class_names"]), report)
+        return ImageSet(hit.images, hit.labels, list(hit.meta["class_names"]), report, hit.keys)
 
     loaded = source.read()
     if len(loaded.images) == 0:
@@ -159,7 +162,5 @@ def load_images(
     report = _report(data, source, loaded, labeled)
     report["cache"] = {"path": None, "hit": False}
     if entry is not None:
-        report["cache"] = _store(
-            entry, loaded.images, loaded.labels, {"class_names": class_names, "report": report}
-        )
-    return ImageSet(loaded.images, loaded.labels, class_names, report)
+        report["cache"] = _store(entry, loaded, {"class_names": class_names, "report": report})
+    return ImageSet(loaded.images, loaded.labels, class_names, report, loaded.keys)

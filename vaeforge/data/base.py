@@ -40,6 +40,7 @@ class Loaded:
     images: np.ndarray  # (N, S, S, 3) uint8
     labels: np.ndarray  # (N,) int64, -1 = unlabeled
     class_names: list[str]
+    keys: list[str]  # one per image: a file path, "shard:key", "file.parquet:row" or "builtin:000123"
     files: int  # input files found: images for a folder, shards / parquet files otherwise
     records: int  # candidate images examined (fewer than exist when max_samples stopped early)
     seconds: float
@@ -97,7 +98,14 @@ class EncodedSource(Source):
         )
         labels, names = map_labels(decoded.raw_labels, self.known_class_names())
         return Loaded(
-            decoded.images, labels, names, self.file_count(), decoded.records_seen, decoded.seconds, tally
+            decoded.images,
+            labels,
+            names,
+            decoded.keys,
+            self.file_count(),
+            decoded.records_seen,
+            decoded.seconds,
+            tally,
         )
 
 

@@ -125,6 +125,11 @@ def generate_shapes(
     return images, labels
 
 
+def builtin_key(index: int) -> str:
+    """The identity of built-in image `index` (its seed is (seed, index)), as data keys are reported."""
+    return f"builtin:{index:06d}"
+
+
 class BuiltinSource(Source):
     """`builtin` / `builtin:shapes`: the procedural shapes dataset, builtin_count images for `seed`."""
 
@@ -150,4 +155,5 @@ class BuiltinSource(Source):
             self.count, self.options.image_size, self.options.seed, self.options.workers
         )
         seconds = time.perf_counter() - start
-        return Loaded(images, labels, list(SHAPES), files=0, records=self.count, seconds=seconds)
+        keys = [builtin_key(i) for i in range(self.count)]
+        return Loaded(images, labels, list(SHAPES), keys, files=0, records=self.count, seconds=seconds)

@@ -1,4 +1,4 @@
-"""On-disk cache of decoded arrays (images.npy, labels.npy, meta.json), committed by an atomic rename."""
+"""On-disk cache of decoded arrays (images, labels, keys, meta.json), committed by an atomic rename."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import numpy as np
 
 from vaeforge.storage import default_cache_dir  # one cache root for data and checkpoint copies
 
-CACHE_VERSION = 1  # bump whenever decoding changes its output, so stale caches are never reused
+# Bump whenever decoding changes its output, so stale caches are never reused.
+# 2: entries carry keys.json (each image's file path or shard:key), which `vaeforge score` reports.
+CACHE_VERSION = 2
 
 
 def cache_key(material: dict) -> str:
@@ -27,6 +29,7 @@ def cache_key(material: dict) -> str:
 class CacheEntry:
     images: np.ndarray  # read-only memory map: a cache hit costs no decode and no copy
     labels: np.ndarray
+    keys: list[str]
     meta: dict
 
 
@@ -44,14 +47,15 @@ def load(entry: Path) -> CacheEntry | None:
         meta = json.loads((entry / "meta.json").read_text())
         images = np.load(entry / "images.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")
+        keys = json.loads((entry / "keys.json").read_text())
     except (OSError, ValueError):
         return None
-    if images.ndim != 4 or len(images) != len(labels):
+    if images.ndim != 4 or not len(images) == len(labels) == len(keys):
         return None
-    return CacheEntry(images, labels, meta)
+    return CacheEntry(images, labels, keys, meta)
 
 
-def store(entry: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> None:
+def store(entry: Path, images: np.ndarray, labels: np.ndarray, keys: list[str], meta: dict) -> None:
     """Write the entry into a temporary sibling directory, then rename it into place.
 
     A crash leaves at worst a stray .tmp-* directory, never a half-written entry. If another process
@@ -65,6 +69,7 @@ def store(entry: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> No
     try:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "labels.npy", labels)
+        (tmp / "keys.json").write_text(json.dumps(keys))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the entry complete
         try:
             os.replace(tmp, entry)

@@ -236,6 +236,7 @@ class Decoded:
 
     images: np.ndarray
     raw_labels: list[int | str | None]
+    keys: list[str]  # Record.key of each kept image, in order: what `vaeforge score` reports per image
     records_seen: int
     seconds: float
 
@@ -256,6 +257,7 @@ def decode_records(
     capacity = int(min(limit, size_hint if size_hint is not None else 1024))
     buf = _Growable(capacity, image_size)
     labels: list[int | str | None] = []
+    keys: list[str] = []
     seen = 0
     task = functools.partial(decode_chunk, image_size=image_size, max_pixels=max_pixels)
     results = ordered_map(task, _chunks(records), num_workers)
@@ -271,6 +273,7 @@ def decode_records(
                     continue
                 buf.append(images[k])
                 labels.append(rec.label)
+                keys.append(rec.key)
                 k += 1
             if len(labels) >= limit:
                 break
@@ -278,4 +281,4 @@ def decode_records(
         raise DataError("an image decoding worker died (out of memory?); retry with num_workers=1") from e
     finally:
         results.close()  # cancels pending tasks and closes the source's open files
-    return Decoded(buf.finish(), labels, seen, time.perf_counter() - start)
+    return Decoded(buf.finish(), labels, keys, seen, time.perf_counter() - start)
