@@ -59,7 +59,7 @@ def table(results: dict[str, dict]) -> str:
             continue
         t, a = use["tstr"], use["augmentation"]
         lines.append(
-            f"\n{model} ({m['best_sampler']} samples): TSTR {t['tstr_accuracy']:.3f} vs real->real "
+            f"\n{model} ({use['sampler']} samples): TSTR {t['tstr_accuracy']:.3f} vs real->real "
             f"{t['real_accuracy']:.3f} (gap {100 * (t['real_accuracy'] - t['tstr_accuracy']):.1f} points); "
             f"10% real {a['subset_accuracy']:.3f} -> +synthetic {a['augmented_accuracy']:.3f} "
             f"(gain {100 * a['gain']:+.1f} points)"

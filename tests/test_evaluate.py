@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from vaeforge.checkpoint import load_vae
 from vaeforge.cli import main
+from vaeforge.sampling import load_gmm
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
@@ -28,6 +30,10 @@ def cond_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Pat
     """A tiny conditional run on the built-in shapes (6 classes), with a fitted mixture."""
     run = tmp_path_factory.mktemp("cond") / "run"
     cli("train", *TINY, "--conditional", "--epochs", "1", "--precision", "fp32", "--output", str(run))
+    at_end = load_gmm(load_vae(run).path)  # training fitted one per class at its end
+    assert at_end.per_class and at_end.class_ids() == list(range(6))
+    cli("fit-sampler", "--checkpoint", str(run))  # the same defaults, the same code: the same fit
+    assert load_gmm(load_vae(run).path).sha256() == at_end.sha256()
     cli("fit-sampler", "--checkpoint", str(run), "--k", "3", "--max-points", "300")
     return run
 
@@ -46,7 +52,9 @@ def test_gmm_sampler_and_explicit_classes(cond_run: Path, tmp_path: Path) -> Non
         {m["class"] for m in metas}
     ) == 2
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["config"]["classes"] == "0:30,2:10" and manifest["sampler_fit"]["k"] == 3
+    fit = manifest["sampler_fit"]
+    assert manifest["config"]["classes"] == "0:30,2:10" and fit["k_per_class"] == 3
+    assert sum(c["points"] for c in fit["per_class"].values()) == 300
     # every shard mixes the classes rather than holding one
     per_shard = Counter((m["shard"], m["label"]) for m in metas)
     assert all(per_shard[(s, 2)] >= 1 for s in range(2))
@@ -70,6 +78,28 @@ def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path:
                     "latent-traversals", "nearest-neighbours"):  # fmt: skip
         assert f"id='{section}'" in page, section
     assert page.count("data:image/png;base64,") >= 8
+
+
+@pytest.mark.timeout(900)
+def test_unconditional_run_with_a_per_class_mixture_makes_labeled_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --conditional: the end-of-training fit is per class (the shapes are labeled), so generate
+    --classes labels the samples and evaluate can measure TSTR with them."""
+    run = tmp_path / "run"
+    cli("train", *TINY, "--epochs", "1", "--precision", "fp32", "--output", str(run))
+    assert "gmm sampler" in capsys.readouterr().out
+    out = tmp_path / "shards"
+    cli("generate", "--checkpoint", str(run), "--sampler", "gmm", "--classes", "balanced", "--count", "24",
+        "--precision", "fp32", "--format", "parquet", "--output", str(out))  # fmt: skip
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(out.glob("*.parquet"))[0])
+    assert Counter(table.column("label").to_pylist()) == {c: 4 for c in range(6)}
+    cli("evaluate", "--checkpoint", str(run), "--samples", "60", "--max-train", "200",
+        "--classifier-steps", "20", "--output", str(tmp_path / "eval"))  # fmt: skip
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["usefulness"]["sampler"] == "gmm" and 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
 
 
 def test_classes_need_a_conditional_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,12 +13,13 @@ import webdataset as wds
 from vaeforge.checkpoint import load_vae, save_checkpoint
 from vaeforge.config import GenerateConfig, get_preset
 from vaeforge.errors import UserError
+from vaeforge.fit_sampler import fit_and_store
 from vaeforge.generate import run_generate
 from vaeforge.generate_worker import ShardTask, ShardWorker
 from vaeforge.model import VAE
 from vaeforge.sampling import (
     GaussianMixture,
-    fit_checkpoint_gmm,
+    fit_class_gmm,
     fit_gmm,
     load_gmm,
     parse_classes,
@@ -84,6 +85,48 @@ def test_prior_temperature_scales_the_spread() -> None:
     np.testing.assert_array_equal(prior_latents(0, 0, 5, 1, 8, 1.0)[0], z[5])
 
 
+def two_labeled_blobs(n: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 around (0, 0, 0), class 1 around (20, 0, 0) in 3-D, 3:1, each of two sub-clusters."""
+    rng = np.random.default_rng(5)
+    labels = (rng.random(n) < 0.25).astype(np.int64)
+    sub = rng.integers(0, 2, n)
+    centers = np.array([[0.0, 0, 0], [0, 6, 0], [20, 0, 0], [20, 0, 6]])[2 * labels + sub]
+    return centers + 0.5 * rng.standard_normal((n, 3)), labels
+
+
+def test_per_class_mixture_draws_each_label_from_its_own_class() -> None:
+    x, labels = two_labeled_blobs()
+    gmm = fit_class_gmm(x, labels, k=2, seed=0)
+    assert gmm.per_class and gmm.k == 4 and gmm.class_ids() == [0, 1]
+    assert gmm.classes.tolist() == [0, 0, 1, 1]
+    assert gmm.meta["per_class"]["1"]["points"] == int((labels == 1).sum())
+    np.testing.assert_allclose(gmm.weights[2:].sum(), (labels == 1).mean())  # P(class) * P(comp | class)
+    want = np.array([0, 1] * 500)
+    z = gmm.sample(3, 0, 0, len(want), labels=want)
+    assert (z[want == 0, 0] < 10).all() and (z[want == 1, 0] > 10).all()  # never another class's region
+    # both sub-clusters of a class are used, in proportion
+    assert 0.35 < (z[want == 0, 1] > 3).mean() < 0.65 and 0.35 < (z[want == 1, 2] > 3).mean() < 0.65
+    # regenerable from (seed, shard, index, label) alone, whatever the batch
+    np.testing.assert_array_equal(gmm.sample(3, 0, 7, 1, labels=want[7:8])[0], z[7])
+    # without labels a per-class fit samples the whole training distribution: class 1 about a quarter
+    free = gmm.sample(3, 0, 0, 4000)
+    assert abs((free[:, 0] > 10).mean() - (labels == 1).mean()) < 0.03
+
+
+def test_per_class_mixture_saves_and_refuses_an_unfitted_class(tmp_path: Path) -> None:
+    x, labels = two_labeled_blobs()
+    gmm = fit_class_gmm(x, labels, k=2, seed=0)
+    gmm.save(tmp_path / "g.npz")
+    back = GaussianMixture.load(tmp_path / "g.npz")
+    assert back.sha256() == gmm.sha256() and back.classes.tolist() == gmm.classes.tolist()
+    pooled = GaussianMixture(gmm.weights, gmm.means, gmm.chol, gmm.meta)
+    assert pooled.sha256() != gmm.sha256()  # the class of each component is part of the fit's identity
+    with pytest.raises(UserError, match="no component for class 4"):
+        gmm.sample(0, 0, 0, 2, labels=np.array([0, 4]))
+    with pytest.raises(UserError, match="labeled images"):
+        fit_class_gmm(x, np.full(len(x), -1), k=2)
+
+
 # ------------------------------------------------------------------------ the fitted sampler in generate
 
 
@@ -94,7 +137,7 @@ def fitted_ckpt(tmp_path: Path) -> Path:
     model = VAE(get_preset("tiny")).eval()
     ckpt = save_checkpoint(tmp_path / "ckpt", model, {"epoch": 0, "metrics": {}})
     images = np.random.default_rng(0).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
-    fit_checkpoint_gmm(ckpt, model, images, k=3, seed=0)
+    fit_and_store(str(ckpt), images, None, k=3, seed=0)
     return ckpt
 
 
@@ -111,6 +154,43 @@ def test_gmm_generation_regenerates_from_metadata(fitted_ckpt: Path, tmp_path: P
     gmm = load_gmm(fitted_ckpt)
     z = gmm.sample(meta["seed"], meta["shard"], meta["index"], 1)
     np.testing.assert_array_equal(worker.decode(z)[0], sample["png"])
+
+
+def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: Path) -> None:
+    """--classes on an unconditional model: the label picks the class's components, the decoder never
+    sees it, and each sample regenerates from (seed, shard, index, label)."""
+    from vaeforge.generate import class_totals
+
+    torch.manual_seed(0)
+    model = VAE(get_preset("tiny")).eval()
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", model, {"epoch": 0, "metrics": {}, "data": {"classes": ["a", "b"]}}
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)
+    images[100:] //= 4  # class 1 is darker, so its latents sit elsewhere
+    labels = np.repeat([0, 1], 100)
+    where, gmm = fit_and_store(str(ckpt), images, labels, k=2, seed=0)
+    assert gmm.per_class and where == str(ckpt / "sampler_gmm.npz")
+    cfg = GenerateConfig(
+        checkpoint=str(ckpt), output=str(tmp_path), count=30, sampler="gmm", classes="0:10,1:20",
+        precision="fp32",
+    )  # fmt: skip
+    totals = class_totals(cfg, 0, load_vae(ckpt).meta, str(ckpt))
+    assert totals == [10, 20]
+    worker = ShardWorker(str(ckpt), cfg, 1, "ckpt-id")
+    worker.run(ShardTask(0, 30, str(tmp_path / "s.tar"), class_counts=(10, 20)))
+    samples = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode("rgb8"))
+    assert sorted(int(s["cls"]) for s in samples) == [0] * 10 + [1] * 20
+    for s in samples[:6]:
+        meta = s["json"]
+        assert meta["class"] == ["a", "b"][meta["label"]]
+        z = gmm.sample(meta["seed"], meta["shard"], meta["index"], 1, labels=np.array([meta["label"]]))
+        np.testing.assert_array_equal(worker.decode(z)[0], s["png"])
+    # a pooled fit cannot label an unconditional model's samples
+    fit_and_store(str(ckpt), images, labels, k=2, seed=0, per_class=False)
+    with pytest.raises(UserError, match="fit-sampler --per-class"):
+        class_totals(cfg, 0, load_vae(ckpt).meta, str(ckpt))
 
 
 def test_gmm_without_a_fit_says_how_to_fit_one(tmp_path: Path) -> None:
@@ -136,9 +216,8 @@ def test_a_refit_mixture_is_a_different_plan(fitted_ckpt: Path, tmp_path: Path, 
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["sampler_sha256"] == load_gmm(fitted_ckpt).sha256()
     assert manifest["sampler_fit"]["k"] == 3
-    model = load_vae(fitted_ckpt).model
     images = np.random.default_rng(1).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
-    fit_checkpoint_gmm(fitted_ckpt, model, images, k=3, seed=0)  # other data: other mixture
+    fit_and_store(str(fitted_ckpt), images, None, k=3, seed=0)  # other data: other mixture
     with pytest.raises(UserError, match="sampler_sha256"):
         run_generate(cfg)
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vaeforge.checkpoint import list_checkpoints, load_trainer_state, load_vae
 from vaeforge.cli import main
+from vaeforge.sampling import load_gmm
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
@@ -94,6 +95,10 @@ def test_one_worker_two_epochs_writes_a_complete_run(two_epoch_run: Path) -> Non
 
     loaded = load_vae(run)  # no flags: the model config travels inside the checkpoint
     assert loaded.path.name == f"epoch{best_row['epoch']:04d}_step{best_row['global_step']:09d}"
+    # the end of training fitted generate's gmm sampler beside the best weights, per class (the built-in
+    # shapes are labeled), on every training image
+    gmm = load_gmm(loaded.path)
+    assert gmm.per_class and gmm.class_ids() == list(range(6)) and gmm.meta["points"] == 243
     assert loaded.meta["metrics"]["val_loss"] == pytest.approx(best_row["val_loss"])
     with torch.no_grad():
         images = loaded.model.sample(4, generator=torch.Generator().manual_seed(0))
@@ -147,7 +152,7 @@ def test_two_workers_ddp_and_overwrite(tmp_path: Path, cache_dir: Path) -> None:
     (run / "run.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"epoch": 9}\n')
     (run / "notes.txt").write_text("mine")
-    train(run, cache_dir, "--epochs", "1", "--workers", "2", "--overwrite")
+    train(run, cache_dir, "--epochs", "1", "--workers", "2", "--overwrite", "--no-fit-sampler")
 
     assert (run / "notes.txt").read_text() == "mine"
     assert not (run / "checkpoints" / "epoch0009_step000000099").exists()
@@ -160,6 +165,7 @@ def test_two_workers_ddp_and_overwrite(tmp_path: Path, cache_dir: Path) -> None:
     assert math.isfinite(rows[0]["val_loss"]) and rows[0]["val_psnr"] > 0
     (ckpt,) = list_checkpoints(run)
     assert ckpt.name == f"epoch0001_step{n:09d}"
+    assert not (ckpt / "sampler_gmm.npz").exists()  # --no-fit-sampler
     assert load_trainer_state(ckpt)["loop_state"]["global_step"] == n
     model = load_vae(run).model
     assert model.decoder(torch.zeros(2, 16)).shape == (2, 3, 64, 64)

@@ -91,6 +91,12 @@ def train(
         False, "--resume", help="Continue the run in --output from its latest checkpoint."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
+    fit_sampler: bool = typer.Option(
+        True,
+        "--fit-sampler/--no-fit-sampler",
+        help="At the end, fit `generate --sampler gmm`'s mixture on the best checkpoint (per class when "
+        "the data is labeled).",
+    ),
 ) -> None:
     """Train the VAE with Ray Train (DDP over --workers), writing checkpoints, metrics and pictures."""
     _run_train(train_config(dict(locals())))  # locals() here is exactly the parsed options
@@ -271,6 +277,9 @@ def _run_train(cfg: TrainConfig) -> Any:
     out.print(f"  pictures          {join(result.output, 'samples')}")
     if last:
         out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
+    if result.sampler is not None:
+        out.print(f"  gmm sampler       {result.sampler[0]}")
+        print_fit(result.sampler[1])
     return result
 
 
@@ -293,7 +302,16 @@ def _run_generate(cfg: GenerateConfig) -> None:
 @app.command("fit-sampler")
 def fit_sampler(
     checkpoint: str = typer.Option(..., help="Run directory (its best checkpoint) or checkpoint directory."),
-    k: int = typer.Option(10, help="Mixture components (full covariance)."),
+    k: int = typer.Option(
+        None, help="Mixture components (full covariance): in all, or per class (default 10 / 3)."
+    ),
+    per_class: bool = typer.Option(
+        None,
+        "--per-class/--pooled",
+        help="One mixture per class, so a draw for class c lands where the encoder puts class c "
+        "(default: per class when the training images are labeled).",
+        show_default=False,
+    ),
     seed: int = typer.Option(0, help="Seeds the initialisation and the subset; the fit is deterministic."),
     max_points: int = typer.Option(20_000, help="Training images encoded for the fit (a seeded subset)."),
     data: str = typer.Option(None, help="Images to fit on when the checkpoint has no run.json beside it."),
@@ -301,11 +319,17 @@ def fit_sampler(
     """Fit a Gaussian mixture to where the encoder puts the training images, for `generate --sampler gmm`."""
     from vaeforge.fit_sampler import run_fit_sampler
 
-    err.print(f"fit-sampler: encoding up to {max_points:,} training images and fitting {k} components")
-    ckpt_dir, gmm = run_fit_sampler(checkpoint, k, seed, max_points, data)
+    err.print(f"fit-sampler: encoding up to {max_points:,} training images and fitting the mixture")
+    where, gmm = run_fit_sampler(checkpoint, k, seed, max_points, data, per_class)
+    out.print(f"[bold green]done[/]: {where}")
+    print_fit(gmm)
+
+
+def print_fit(gmm: Any) -> None:
+    """What fit-sampler and the end of training say about a fitted mixture."""
     m = gmm.meta
-    out.print(f"[bold green]done[/]: {ckpt_dir / 'sampler_gmm.npz'}")
-    out.print(f"  {m['k']} components on {m['points']:,} latents, {m['iterations']} EM iterations")
+    how = f"{len(gmm.class_ids())} classes x up to {m['k_per_class']}" if gmm.per_class else "pooled"
+    out.print(f"  {m['k']} components ({how}) on {m['points']:,} latents, {m['iterations']} EM iterations")
     out.print(f"  mean log-likelihood {m['mean_loglik']:.2f}, sha256 {gmm.sha256()[:16]}")
 
 
@@ -360,7 +384,10 @@ def evaluate(
     use = m["usefulness"]
     if "tstr" in use:
         t, a = use["tstr"], use["augmentation"]
-        out.print(f"  TSTR {t['tstr_accuracy']:.3f} vs real->real {t['real_accuracy']:.3f}")
+        out.print(
+            f"  TSTR {t['tstr_accuracy']:.3f} vs real->real {t['real_accuracy']:.3f} "
+            f"({use['sampler']} samples)"
+        )
         out.print(
             f"  augmentation {a['subset_accuracy']:.3f} -> {a['augmented_accuracy']:.3f} ({a['gain']:+.3f})"
         )

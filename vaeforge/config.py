@@ -100,6 +100,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_failures: int = 0  # worker-group restarts Ray Train may do; each restores the latest checkpoint
+    # Fit generate's gmm sampler on the best checkpoint when training ends (seconds to minutes on a CPU),
+    # so `generate --sampler gmm` works on every finished run without a second command.
+    fit_sampler: bool = True
     grid_size: int = 8  # the sample and reconstruction PNGs are grid_size x grid_size
     progress: bool = True
 

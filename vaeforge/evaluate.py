@@ -49,15 +49,20 @@ def _subset(n_have: int, n_want: int, seed: int, salt: int) -> np.ndarray:
 def draw_samples(
     model: VAE, sampler: str, ckpt_dir: Path, n: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n samples and their labels (balanced over classes for a conditional model, -1 otherwise)."""
-    d = model.config.latent_dim
-    z = (
-        prior_latents(seed, 0, 0, n, d, 1.0)
-        if sampler == "prior"
-        else load_gmm(ckpt_dir).sample(seed, 0, 0, n)
-    )
+    """n samples and their labels, -1 where the samples have none.
+
+    Labels cycle over the classes (balanced) for a conditional model, and for any model whose mixture
+    was fitted per class: z is then drawn from that class's components, so even an unconditional
+    model's samples carry a label that TSTR can test.
+    """
     k = model.config.num_classes
-    labels = np.arange(n) % k if k else np.full(n, -1)
+    gmm = None if sampler == "prior" else load_gmm(ckpt_dir)
+    classes = list(range(k)) if k else (gmm.class_ids() if gmm is not None else [])
+    labels = np.asarray(classes)[np.arange(n) % len(classes)] if classes else np.full(n, -1)
+    if gmm is None:
+        z = prior_latents(seed, 0, 0, n, model.config.latent_dim, 1.0)
+    else:
+        z = gmm.sample(seed, 0, 0, n, labels=labels if classes else None)
     return decode_latents(model, z, labels=labels if k else None), labels
 
 
@@ -117,7 +122,13 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         samples[name] = (images, labels)
     best = min(samplers, key=lambda s: metrics["samplers"][s]["distribution"]["fid"])
     metrics["best_sampler"] = best
-    metrics["usefulness"] = _usefulness(cfg, data, train, train_labels, hold, hold_labels, samples[best], say)
+    # Usefulness needs labeled samples: the best sampler by FID among those whose samples have labels.
+    labeled = [s for s in samplers if (samples[s][1] >= 0).all()]
+    use_with = min(labeled, key=lambda s: metrics["samplers"][s]["distribution"]["fid"]) if labeled else best
+    metrics["usefulness"] = _usefulness(
+        cfg, data, train, train_labels, hold, hold_labels, samples[use_with], say
+    )
+    metrics["usefulness"]["sampler"] = use_with
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
     say("pictures")
@@ -173,7 +184,8 @@ def _usefulness(
     images, labels = sample
     if (labels < 0).any():
         return {
-            "skipped": "the model is unconditional, so its samples have no labels (train with --conditional)"
+            "skipped": "the samples have no labels: train with --conditional, or fit the sampler "
+            "per class (`vaeforge fit-sampler --per-class`)"
         }
     clf = ClassifierConfig(steps=cfg.classifier_steps, seed=cfg.seed)
     say("usefulness: train-on-synthetic/test-on-real")

@@ -116,11 +116,11 @@ def _neighbour_section(metrics: dict, samples: dict, train: np.ndarray) -> Secti
     )
 
 
-def _attribute_section(model: VAE, data: EvalData, train: np.ndarray, hold: np.ndarray) -> Section | None:
+def _attribute_section(model: VAE, data: EvalData, hold: np.ndarray) -> Section | None:
     if model.config.num_classes or not data.labeled:
         return None  # a conditional model edits class through its label; unlabeled data has no attributes
-    sel = slice(0, 2000)
-    means = encode_means(model, train[sel])
+    sel = slice(0, 2000)  # images and labels from the same array: `train` is evaluate's own subset
+    means = encode_means(model, data.train[sel])
     vectors = attribute_vectors(means, data.train_labels[sel], len(data.class_names))
     base = encode_means(model, hold[:3])
     figs = [
@@ -142,7 +142,7 @@ def build_report(
 ) -> str:
     sections = _sample_sections(samples, data) + _latent_sections(model, hold, hold_labels, seed)
     sections.append(_neighbour_section(metrics, samples, train))
-    attr = _attribute_section(model, data, train, hold)
+    attr = _attribute_section(model, data, hold)
     if attr is not None:
         sections.append(attr)
     meta = {

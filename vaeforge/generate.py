@@ -74,14 +74,37 @@ def plan_shards(cfg: GenerateConfig, class_totals: list[int] | None = None) -> l
     ]
 
 
-def class_totals(cfg: GenerateConfig, num_classes: int, meta: dict[str, Any]) -> list[int] | None:
-    """Samples per class for a conditional model (None for an unconditional one)."""
+def class_totals(
+    cfg: GenerateConfig, num_classes: int, meta: dict[str, Any], ckpt_dir: str
+) -> list[int] | None:
+    """Samples per class, or None when the samples carry no labels.
+
+    A conditional model always labels its samples (--classes defaults to "all"). An unconditional model
+    labels them only when asked with --classes, and then needs a per-class mixture: z drawn from class
+    c's components is what makes the image a c, since the decoder never sees the label.
+    """
+    data = meta.get("data", {})
+    counts = data.get("class_counts")
     if num_classes == 0:
-        if cfg.classes is not None:
-            raise UserError("--classes needs a conditional model (vaeforge train --conditional)")
-        return None
-    counts = meta.get("data", {}).get("class_counts")
-    return parse_classes(cfg.classes or "all", num_classes, counts, cfg.count)
+        if cfg.classes is None:
+            return None
+        gmm = load_gmm(ckpt_dir) if cfg.sampler == "gmm" else None
+        if gmm is None or not gmm.per_class:
+            raise UserError(
+                "--classes needs a conditional model (vaeforge train --conditional), or --sampler gmm "
+                "with a mixture fitted per class (vaeforge fit-sampler --per-class)"
+            )
+        num_classes = max(len(data.get("classes") or []), max(gmm.class_ids()) + 1)
+    totals = parse_classes(cfg.classes or "all", num_classes, counts, cfg.count)
+    if cfg.sampler == "gmm":
+        gmm = load_gmm(ckpt_dir)
+        missing = [c for c, n in enumerate(totals) if n and gmm.per_class and c not in gmm.class_ids()]
+        if missing:
+            raise UserError(
+                f"--classes asks for class {missing[0]}, which the fitted mixture has no component for; "
+                "refit with `vaeforge fit-sampler` on data that has it"
+            )
+    return totals
 
 
 def sampler_identity(cfg: GenerateConfig, ckpt_dir: str) -> dict[str, Any]:
@@ -187,7 +210,7 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
     loaded = load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
-    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta)
+    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta, str(loaded.path))
     sampler = sampler_identity(cfg, str(loaded.path))
     done = prepare_output(cfg, sha, sampler)
     tasks = plan_shards(cfg, totals)

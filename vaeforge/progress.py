@@ -125,6 +125,11 @@ class TrainDisplay(_Display):
             f"{e['train_images_per_s']:.1f} img/s"
         )
 
+    def _on_fit_sampler(self, e: dict[str, Any]) -> None:
+        self._print(
+            f"sampler: fitting the gmm mixture on {e['images']:,} training latents of {e['checkpoint']}"
+        )
+
 
 class GenerateDisplay(_Display):
     """Consumes `vaeforge generate` events: shards done, images, images/s and ETA."""

@@ -39,54 +39,99 @@ def prior_latents(seed: int, shard: int, start: int, n: int, dim: int, temperatu
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """A fitted full-covariance Gaussian mixture over latent vectors.
+    """A fitted full-covariance Gaussian mixture over latent vectors, pooled or one per class.
 
     weights (K,), means (K, D) and the Cholesky factors (K, D, D) of the covariances, all float64.
+    classes (K,) int64 names the class each component was fitted on (a per-class fit), or is None (a
+    pooled fit). In a per-class fit the weights are P(class) * P(component | class), so drawing without a
+    label samples the whole training distribution, and drawing with label c samples that class alone.
     """
 
     weights: np.ndarray
     means: np.ndarray
     chol: np.ndarray
     meta: dict  # how it was fitted: k, seed, iterations, n points, log-likelihood, source checkpoint
+    classes: np.ndarray | None = None
 
     @property
     def k(self) -> int:
         return len(self.weights)
+
+    @property
+    def per_class(self) -> bool:
+        return self.classes is not None
+
+    def class_ids(self) -> list[int]:
+        """The classes that own at least one component (empty for a pooled fit)."""
+        return [] if self.classes is None else sorted({int(c) for c in self.classes})
 
     def sha256(self) -> str:
         """Identity of the fit for manifests: the same data and settings give the same digest."""
         h = hashlib.sha256()
         for a in (self.weights, self.means, self.chol):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        if self.classes is not None:  # a pooled fit keeps the digest it always had
+            h.update(np.ascontiguousarray(self.classes, dtype=np.int64).tobytes())
         return h.hexdigest()
 
-    def sample(self, seed: int, shard: int, start: int, n: int, temperature: float = 1.0) -> np.ndarray:
+    def _cdfs(self, labels: np.ndarray | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{label: (component ids, cumulative weights)}; key -1 is the whole mixture."""
+        wanted = {-1} if labels is None else {int(v) for v in np.unique(labels)}
+        out = {}
+        for c in wanted:
+            ids = np.arange(self.k) if c < 0 else np.flatnonzero(self.classes == c)
+            if len(ids) == 0:
+                raise UserError(
+                    f"the fitted mixture has no component for class {c} (classes with components: "
+                    f"{', '.join(map(str, self.class_ids()))}); refit with `vaeforge fit-sampler`"
+                )
+            out[c] = (ids, np.cumsum(self.weights[ids]))
+        return out
+
+    def sample(
+        self,
+        seed: int,
+        shard: int,
+        start: int,
+        n: int,
+        temperature: float = 1.0,
+        labels: np.ndarray | None = None,
+    ) -> np.ndarray:
         """(n, D) float32 latents; sample j draws its component and its noise from its own generator.
 
-        temperature scales each component's spread around its mean, as it scales the prior's.
+        labels (n,): with a per-class fit, sample j draws from class labels[j]'s components only. A
+        pooled fit ignores labels, as the prior does. temperature scales each component's spread around
+        its mean, as it scales the prior's.
         """
-        cdf = np.cumsum(self.weights)
+        if not self.per_class:
+            labels = None
+        cdfs = self._cdfs(labels)
         z = np.empty((n, self.means.shape[1]), dtype=np.float32)
         for j in range(n):
             g = sample_generator(seed, shard, start + j)
-            c = min(int(np.searchsorted(cdf, g.random() * cdf[-1], side="right")), self.k - 1)
+            ids, cdf = cdfs[-1 if labels is None else int(labels[j])]
+            pick = min(int(np.searchsorted(cdf, g.random() * cdf[-1], side="right")), len(ids) - 1)
+            c = ids[pick]
             eps = g.standard_normal(self.means.shape[1])
             z[j] = self.means[c] + temperature * (self.chol[c] @ eps)
         return z
 
     def save(self, path: str | Path) -> None:
+        extra = {} if self.classes is None else {"classes": np.asarray(self.classes, dtype=np.int64)}
         np.savez(
             path,
             weights=self.weights,
             means=self.means,
             chol=self.chol,
             meta=np.array(json.dumps(self.meta, sort_keys=True)),
+            **extra,
         )
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianMixture:
         with np.load(path, allow_pickle=False) as f:
-            return cls(f["weights"], f["means"], f["chol"], json.loads(str(f["meta"])))
+            classes = f["classes"] if "classes" in f.files else None
+            return cls(f["weights"], f["means"], f["chol"], json.loads(str(f["meta"])), classes)
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -156,8 +201,55 @@ def fit_gmm(
     return GaussianMixture(w.numpy(), mu.numpy(), chol.numpy(), meta)
 
 
-# (seed, shard, start, n) -> (n, latent_dim) float32 latents for samples start..start+n-1 of that shard
-LatentSampler = Callable[[int, int, int, int], np.ndarray]
+def fit_class_gmm(
+    x: np.ndarray, labels: np.ndarray, k: int = 3, seed: int = 0, **em: float
+) -> GaussianMixture:
+    """One mixture of up to k components per class, fitted with fit_gmm on that class's points only.
+
+    Why per class: a pooled mixture puts a component wherever the encoder means cluster, and those
+    clusters cross class lines, so a pooled draw decoded under label c often shows another class. Fitting
+    each class separately samples z from q(z | c), the region the encoder really maps class c to.
+
+    Args:
+        x: (N, D) points; labels: (N,) their classes (negative labels are left out).
+        k: components per class, capped at that class's points.
+        seed: as for fit_gmm; class c uses seed + c, so classes do not share initial draws.
+        em: max_iter, tol, reg, passed to fit_gmm.
+
+    Returns:
+        The concatenated mixture with `classes` set; weights are class share * within-class weight.
+    """
+    labels = np.asarray(labels)
+    present = sorted(int(c) for c in np.unique(labels) if c >= 0)
+    if not present:
+        raise UserError("a per-class mixture needs labeled images; these have none")
+    parts, per_class = [], {}
+    for c in present:
+        xc = x[labels == c]
+        g = fit_gmm(xc, k=k, seed=seed + c, **em)
+        parts.append((c, g, len(xc) / int((labels >= 0).sum())))
+        per_class[str(c)] = {"k": g.k, "points": len(xc), "iterations": g.meta["iterations"]}
+    weights = np.concatenate([share * g.weights for _, g, share in parts])
+    means = np.concatenate([g.means for _, g, _ in parts])
+    chol = np.concatenate([g.chol for _, g, _ in parts])
+    classes = np.concatenate([np.full(g.k, c, dtype=np.int64) for c, g, _ in parts])
+    mean_ll = sum(share * g.meta["mean_loglik"] for _, g, share in parts)
+    meta = {
+        "k": int(len(weights)),
+        "k_per_class": k,
+        "per_class": per_class,
+        "seed": seed,
+        "points": int(sum(p["points"] for p in per_class.values())),
+        "mean_loglik": float(mean_ll),
+        "reg": parts[0][1].meta["reg"],
+        "iterations": max(p["iterations"] for p in per_class.values()),
+    }
+    return GaussianMixture(weights, means, chol, meta, classes)
+
+
+# (seed, shard, start, n, labels) -> (n, latent_dim) float32 latents for samples start..start+n-1 of that
+# shard; labels (n,) or None: a per-class mixture draws each sample from its class, other samplers ignore it
+LatentSampler = Callable[[int, int, int, int, "np.ndarray | None"], np.ndarray]
 
 
 def gmm_path(checkpoint_dir: str | Path) -> Path:
@@ -185,43 +277,65 @@ def load_gmm(checkpoint_dir: str | Path) -> GaussianMixture:
 def make_sampler(name: str, checkpoint_dir: str | Path, latent_dim: int, temperature: float) -> LatentSampler:
     """The sampler `generate --sampler NAME` uses; "gmm" loads the mixture stored with the checkpoint."""
     if name == "prior":
-        return lambda seed, shard, start, n: prior_latents(seed, shard, start, n, latent_dim, temperature)
+        return lambda seed, shard, start, n, labels=None: prior_latents(
+            seed, shard, start, n, latent_dim, temperature
+        )
     if name == "gmm":
         gmm = load_gmm(checkpoint_dir)
         if gmm.means.shape[1] != latent_dim:
             raise UserError(f"the mixture in {checkpoint_dir} does not match the model's latent size")
-        return lambda seed, shard, start, n: gmm.sample(seed, shard, start, n, temperature)
+        return lambda seed, shard, start, n, labels=None: gmm.sample(
+            seed, shard, start, n, temperature, labels
+        )
     raise UserError(f"unknown sampler {name!r}; choose prior or gmm")
 
 
-def fit_checkpoint_gmm(
-    checkpoint_dir: str | Path,
+POOLED_K, PER_CLASS_K = 10, 3  # default components: a pooled fit, or each class of a per-class fit
+
+
+def fit_latent_gmm(
     model: torch.nn.Module,
     images: np.ndarray,
-    k: int = 10,
+    labels: np.ndarray | None = None,
+    k: int | None = None,
     seed: int = 0,
     max_points: int = 20_000,
-    labels: np.ndarray | None = None,
+    per_class: bool | None = None,
+    index: np.ndarray | None = None,
 ) -> GaussianMixture:
-    """Fit the mixture on the encoder means of `images` (the run's training split) and store it beside
-    the checkpoint, where `generate --sampler gmm` finds it.
+    """Fit the mixture on the encoder means of `images` (a run's training split). No I/O.
 
     Args:
-        labels: the images' labels, which a conditional model's encoder needs.
+        labels: (N,) the images' labels (-1: unlabeled). A conditional model's encoder needs them; a
+            per-class fit groups by them.
+        k: components, pooled or per class; None: POOLED_K or PER_CLASS_K.
         max_points: a seeded subset caps EM's cost, which grows with N * k * D^2; 20,000 points is
             ~40 per parameter-dimension for D=512 and a few minutes on a CPU.
+        per_class: one mixture per class (see fit_class_gmm); None: per class whenever every image has
+            a label.
+        index: fit on images[index] (labels[index]) only, e.g. a training split, without copying the
+            rest; the seeded subset is drawn from it exactly as from images[index] passed whole.
+
+    Raises:
+        UserError: per_class=True without labels.
     """
     from vaeforge.inference import encode_means
 
-    if len(images) > max_points:
-        keep = np.sort(np.random.default_rng([seed, 11]).choice(len(images), max_points, replace=False))
-        images, labels = images[keep], None if labels is None else labels[keep]
-    gmm = fit_gmm(encode_means(model, images, labels=labels), k=k, seed=seed)
-    gmm.meta.update(checkpoint=str(checkpoint_dir))
-    tmp = gmm_path(checkpoint_dir).with_suffix(".tmp.npz")
-    gmm.save(tmp)
-    tmp.replace(gmm_path(checkpoint_dir))  # a reader never sees half a fit
-    return gmm
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    if len(index) > max_points:
+        index = index[
+            np.sort(np.random.default_rng([seed, 11]).choice(len(index), max_points, replace=False))
+        ]
+    images, labels = images[index], None if labels is None else np.asarray(labels)[index]
+    labeled = labels is not None and len(labels) > 0 and bool((labels >= 0).all())
+    per_class = labeled if per_class is None else per_class
+    if per_class and not labeled:
+        raise UserError("--per-class needs labels for every training image; this run's data has none")
+    cond = model.config.num_classes > 0
+    means = encode_means(model, images, labels=labels if cond else None)
+    if per_class:
+        return fit_class_gmm(means, labels, k=k or PER_CLASS_K, seed=seed)
+    return fit_gmm(means, k=k or POOLED_K, seed=seed)
 
 
 # ------------------------------------------------------------------ class plans for conditional models

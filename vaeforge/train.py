@@ -32,6 +32,10 @@ class TrainResult:
     best_checkpoint: str
     latest_checkpoint: str
     history: list[dict[str, Any]]
+    sampler: tuple[str, Any] | None = None  # (location, GaussianMixture) of the fit made at the end
+
+
+FIT_POINTS = 20_000  # training images the end-of-run sampler fit encodes, as fit-sampler's default
 
 
 def package_versions() -> dict[str, str]:
@@ -180,7 +184,17 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
     }
     history = _fit(cfg, loop_config, notify)
     out = cfg.output
-    return TrainResult(out, resolve_checkpoint(out, "best"), resolve_checkpoint(out, "latest"), history)
+    best = resolve_checkpoint(out, "best")
+    sampler = None
+    if cfg.fit_sampler:
+        from vaeforge.fit_sampler import fit_and_store
+
+        notify({"kind": "fit_sampler", "checkpoint": best, "images": min(len(train_idx), FIT_POINTS)})
+        labels = data.labels if (data.labels[train_idx] >= 0).all() else None
+        sampler = fit_and_store(
+            best, data.images, labels, seed=cfg.seed, max_points=FIT_POINTS, index=train_idx
+        )
+    return TrainResult(out, best, resolve_checkpoint(out, "latest"), history, sampler)
 
 
 def _latest(cfg: TrainConfig) -> str | None:
