@@ -384,18 +384,21 @@ class WebDatasetShardWriter(ShardWriter):
         self._out.write(data)
         self._offset += len(data)
 
-    def _add(self, name: str, data: bytes) -> None:
-        self._emit(_member_header(name, len(data)))
-        self._emit(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self._emit(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+    @staticmethod
+    def _member(name: str, data: bytes) -> bytes:
+        """One tar member: header, data, zero padding to the next 512-byte block."""
+        pad = -len(data) % tarfile.BLOCKSIZE
+        return b"".join((_member_header(name, len(data)), data, tarfile.NUL * pad))
 
     def _write(self, key: str, image: bytes, meta: dict[str, Any], label: int | None) -> None:
         meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=_meta_json_default)
-        self._add(f"{key}.{self.image_ext}", image)
-        self._add(f"{key}.json", meta_json.encode())
+        members = [
+            self._member(f"{key}.{self.image_ext}", image),
+            self._member(f"{key}.json", meta_json.encode()),
+        ]
         if label is not None:
-            self._add(f"{key}.cls", str(label).encode())
+            members.append(self._member(f"{key}.cls", str(label).encode()))
+        self._emit(b"".join(members))  # one write and one hash update a sample, not one per piece
 
     def _close(self) -> None:
         # tarfile's end of archive: two zero blocks, then zeros up to a whole 10 KiB record
