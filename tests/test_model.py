@@ -140,6 +140,33 @@ def test_fold_batchnorm_gives_the_same_images_with_no_batchnorm_left(num_classes
         torch.testing.assert_close(fused(z, y), decoder(z, y), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_inference_decoder_fuses_leaky_relu_and_gives_the_same_images(num_classes: int) -> None:
+    """generate's decoder: BatchNorm folded and each transposed conv fused with its LeakyReLU (one oneDNN
+    call on a CPU). fp32 matches the plain decoder to float rounding, bf16 to bf16 rounding, and negative
+    pre-activations really go through the slope (a missing activation would fail here)."""
+    from vaeforge.model import ConvTransposeLeakyReLU, inference_decoder
+
+    torch.manual_seed(0)
+    decoder = VAE(dataclasses.replace(PRESETS["tiny"], num_classes=num_classes)).decoder.eval()
+    z = torch.randn(16, decoder.dense[0].in_features - num_classes)
+    y = torch.arange(16) % num_classes if num_classes else None
+    fast = inference_decoder(decoder).to(memory_format=torch.channels_last)
+    fused = [m for m in fast.modules() if isinstance(m, ConvTransposeLeakyReLU)]
+    assert len(fused) == len(decoder.deconvs)
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in fast.deconvs.modules() if m not in
+                   {f.act for f in fused})  # fmt: skip
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(z, y), decoder(z, y), atol=1e-5, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(z, y).float(), decoder(z, y).float(), atol=0.02, rtol=0)
+        block = fused[0]
+        x = torch.randn(2, block.conv.in_channels, 4, 4)
+        plain = torch.nn.functional.leaky_relu(block.conv(x), block.slope)
+        assert (plain < 0).any()
+        torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-4)
+
+
 def test_elbo_mse_by_hand() -> None:
     x, out = hand_case("A")
     t = elbo_loss(x, out, beta=1.0, recon_loss="mse")

@@ -157,6 +157,52 @@ def fold_batchnorm(decoder: Decoder) -> Decoder:
     return fused.requires_grad_(False)
 
 
+class ConvTransposeLeakyReLU(nn.Module):
+    """Inference-only ConvTranspose2d followed by LeakyReLU, as one oneDNN call on a CPU.
+
+    Eager PyTorch runs the activation as a second pass over the conv's output; in bf16 on AMX that pass
+    was ~15% of the seed64 decoder's time, because the activations (up to 256 x 32 x 64 x 64) do not fit
+    in cache. oneDNN applies it inside the conv (a post-op), through the op TorchInductor emits for the
+    same pattern. Elsewhere (a GPU, a torch without oneDNN) it runs the two modules as before.
+    """
+
+    def __init__(self, conv: nn.ConvTranspose2d, act: nn.LeakyReLU) -> None:
+        super().__init__()
+        self.conv, self.slope = conv, act.negative_slope
+        self.act = nn.LeakyReLU(act.negative_slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _ONEDNN_FUSION:
+            c = self.conv
+            # oneDNN keeps its input's layout; channels_last (NHWC) is the fast one, and a no-op after
+            # the first block
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, c.weight, c.bias, list(c.padding), list(c.output_padding), list(c.stride),
+                list(c.dilation), c.groups, "leaky_relu", [self.slope], "",
+            )  # fmt: skip
+        return self.act(self.conv(x))
+
+
+_ONEDNN_FUSION = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_convolution_transpose_pointwise"
+)
+
+
+def inference_decoder(decoder: Decoder) -> Decoder:
+    """What generation decodes with: BatchNorm folded (fold_batchnorm), then each transposed conv fused with
+    its LeakyReLU (ConvTransposeLeakyReLU). The seed64 decoder on one CPU core, batch 256, channels_last:
+    bf16 ~15-20% faster than fold_batchnorm alone (491-531 -> 589-616 img/s, a busy machine); fp32 ~2%.
+    Outputs agree with the plain decoder to float rounding (bf16: one bf16 step, 0.0039, at most).
+    """
+    fused = fold_batchnorm(decoder)
+    for i, block in enumerate(fused.deconvs):
+        conv, act = block[0], block[-1]
+        if isinstance(conv, nn.ConvTranspose2d) and isinstance(act, nn.LeakyReLU):
+            fused.deconvs[i] = nn.Sequential(ConvTransposeLeakyReLU(conv, act))
+    return fused.requires_grad_(False)
+
+
 @dataclass
 class VAEOutput:
     posterior: DiagonalGaussian
