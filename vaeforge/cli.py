@@ -126,7 +126,8 @@ def generate(
     temperature: float = typer.Option(1.0, help="Scales the spread of either sampler."),
     classes: str = typer.Option(
         None,
-        help="Conditional models: all (training proportions, default), balanced, or C:N,C:N (e.g. 3:10000).",
+        help="all (training proportions; a conditional model's default), balanced, or C:N,C:N (e.g. "
+        "3:10000). An unconditional model takes it with --sampler gmm fitted per class.",
     ),
     prefix: str = typer.Option("samples", help="Shard file prefix: PREFIX-000000.tar."),
     batch_size: int = typer.Option(256, help="Decoder batch size."),
