@@ -176,7 +176,7 @@ def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: P
         checkpoint=str(ckpt), output=str(tmp_path), count=30, sampler="gmm", classes="0:10,1:20",
         precision="fp32",
     )  # fmt: skip
-    totals = class_totals(cfg, 0, load_vae(ckpt).meta, str(ckpt))
+    totals = class_totals(cfg, 0, load_vae(ckpt).meta, load_gmm(ckpt))
     assert totals == [10, 20]
     worker = ShardWorker(str(ckpt), cfg, 1, "ckpt-id")
     worker.run(ShardTask(0, 30, str(tmp_path / "s.tar"), class_counts=(10, 20)))
@@ -190,7 +190,7 @@ def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: P
     # a pooled fit cannot label an unconditional model's samples
     fit_and_store(str(ckpt), images, labels, k=2, seed=0, per_class=False)
     with pytest.raises(UserError, match="fit-sampler --per-class"):
-        class_totals(cfg, 0, load_vae(ckpt).meta, str(ckpt))
+        class_totals(cfg, 0, load_vae(ckpt).meta, load_gmm(ckpt))
 
 
 def test_gmm_without_a_fit_says_how_to_fit_one(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker
-from vaeforge.sampling import load_gmm, parse_classes, shard_class_quotas
+from vaeforge.sampling import GaussianMixture, load_gmm, parse_classes, shard_class_quotas
 from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
@@ -75,30 +75,28 @@ def plan_shards(cfg: GenerateConfig, class_totals: list[int] | None = None) -> l
 
 
 def class_totals(
-    cfg: GenerateConfig, num_classes: int, meta: dict[str, Any], ckpt_dir: str
+    cfg: GenerateConfig, num_classes: int, meta: dict[str, Any], gmm: GaussianMixture | None
 ) -> list[int] | None:
     """Samples per class, or None when the samples carry no labels.
 
     A conditional model always labels its samples (--classes defaults to "all"). An unconditional model
-    labels them only when asked with --classes, and then needs a per-class mixture: z drawn from class
-    c's components is what makes the image a c, since the decoder never sees the label.
+    labels them only when asked with --classes, and then needs a per-class mixture (`gmm`, the one
+    --sampler gmm uses): z drawn from class c's components is what makes the image a c, since the
+    decoder never sees the label.
     """
     data = meta.get("data", {})
-    counts = data.get("class_counts")
     if num_classes == 0:
         if cfg.classes is None:
             return None
-        gmm = load_gmm(ckpt_dir) if cfg.sampler == "gmm" else None
         if gmm is None or not gmm.per_class:
             raise UserError(
                 "--classes needs a conditional model (vaeforge train --conditional), or --sampler gmm "
                 "with a mixture fitted per class (vaeforge fit-sampler --per-class)"
             )
         num_classes = max(len(data.get("classes") or []), max(gmm.class_ids()) + 1)
-    totals = parse_classes(cfg.classes or "all", num_classes, counts, cfg.count)
-    if cfg.sampler == "gmm":
-        gmm = load_gmm(ckpt_dir)
-        missing = [c for c, n in enumerate(totals) if n and gmm.per_class and c not in gmm.class_ids()]
+    totals = parse_classes(cfg.classes or "all", num_classes, data.get("class_counts"), cfg.count)
+    if gmm is not None and gmm.per_class:
+        missing = [c for c, n in enumerate(totals) if n and c not in gmm.class_ids()]
         if missing:
             raise UserError(
                 f"--classes asks for class {missing[0]}, which the fitted mixture has no component for; "
@@ -107,12 +105,9 @@ def class_totals(
     return totals
 
 
-def sampler_identity(cfg: GenerateConfig, ckpt_dir: str) -> dict[str, Any]:
+def sampler_identity(gmm: GaussianMixture | None) -> dict[str, Any]:
     """What the sampler adds to the plan: a fitted mixture decides the bytes as much as the weights do."""
-    if cfg.sampler != "gmm":
-        return {}
-    gmm = load_gmm(ckpt_dir)
-    return {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta}
+    return {} if gmm is None else {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta}
 
 
 def _plan_record(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +205,9 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
     loaded = load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
-    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta, str(loaded.path))
-    sampler = sampler_identity(cfg, str(loaded.path))
+    gmm = load_gmm(str(loaded.path)) if cfg.sampler == "gmm" else None
+    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta, gmm)
+    sampler = sampler_identity(gmm)
     done = prepare_output(cfg, sha, sampler)
     tasks = plan_shards(cfg, totals)
     todo = [t for t in tasks if t.index not in done]
