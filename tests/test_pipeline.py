@@ -60,6 +60,11 @@ def test_pipeline_checks_generate_options_before_training(
     assert exc.value.code == 2
     assert "unknown --format 'tarball'" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # nothing trained, nothing written
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["pipeline", *TINY, "--count", "10", "--sampler", "gmm", "--no-fit-sampler",
+                  "--output", str(tmp_path / "p")])  # fmt: skip
+    assert exc.value.code == 2 and "drop --no-fit-sampler" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def run_cli(argv: list[str]) -> tuple[str, str]:

@@ -192,7 +192,12 @@ def pipeline_configs(opts: dict[str, Any]) -> tuple[TrainConfig, GenerateConfig]
         if name not in PIPELINE_DERIVED
     }
     gen_opts.update(checkpoint=_join(root, TRAIN_DIR), output=_join(root, SHARDS_DIR))
-    return train_config(train_opts), generate_config(gen_opts)
+    train_cfg, gen_cfg = train_config(train_opts), generate_config(gen_opts)
+    if gen_cfg.sampler == "gmm" and not train_cfg.fit_sampler:
+        raise UserError(
+            "--sampler gmm samples from the mixture fitted when training ends: drop --no-fit-sampler"
+        )
+    return train_cfg, gen_cfg
 
 
 def _option_names(command: Any) -> list[str]:
