@@ -267,6 +267,13 @@ def test_augmentation_gain_of_good_synthetic_data_is_positive(small_shapes: dict
     )
     assert r.n_subset == 60 and r.n_synth == 600
     assert r.gain == pytest.approx(r.augmented_accuracy - r.subset_accuracy) and r.gain > 0.05
+    # samples whose labels mean nothing: the same real batches, plus noise, must not look like a gain
+    shuffled = np.random.default_rng(0).permutation(s["synth_y"])
+    bad = augmentation_gain(
+        s["synth"], shuffled, s["train"], s["train_y"], s["test"], s["test_y"], config=FAST
+    )
+    assert bad.subset_accuracy == r.subset_accuracy  # the real-only side is the same classifier
+    assert bad.gain < r.gain - 0.2 and bad.gain < 0.05
 
 
 def test_classifier_is_deterministic_and_leaves_global_rng_alone(small_shapes: dict[str, np.ndarray]) -> None:

@@ -4,7 +4,8 @@ TSTR (train on synthetic, test on real; Esteban et al. 2017) trains the classifi
 synthetic images and tests it on real ones, next to the same classifier trained on real images
 (real -> real): the closer the two accuracies, the more of the class-relevant content the generator
 reproduces. Augmentation gain trains on a small labelled real subset (10% by default) with and without
-the synthetic images added and reports the difference on the real test set.
+the synthetic images added and reports the difference on the real test set; "added" means every step
+keeps the real-only classifier's batch and gains a synthetic batch of the same size.
 
 Every classifier here gets the same number of optimiser steps (ClassifierConfig.steps) whatever the size
 of its training set, so a comparison measures the data, not a bigger training budget. Everything is
@@ -90,9 +91,17 @@ def train_classifier(
     num_classes: int | None = None,
     config: ClassifierConfig = ClassifierConfig(),
     device: str | torch.device = "cpu",
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SmallCNN:
-    """Train a SmallCNN on uint8 (N, H, W, 3) images and int labels; returns it in eval mode."""
+    """Train a SmallCNN on uint8 (N, H, W, 3) images and int labels; returns it in eval mode.
+
+    extra: (images, labels) added to every step as a second batch of the same size, drawn in its own
+    seeded order. The first batch of each step is exactly what training without `extra` sees, so the
+    difference between the two classifiers is the added data alone (augmentation_gain).
+    """
     labels = _check_labelled(images, labels, "training set")
+    if extra is not None:
+        extra = (extra[0], _check_labelled(extra[0], extra[1], "extra training set"))
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
@@ -101,12 +110,22 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
     order = _batch_order(len(images), config.steps, config.batch_size, np.random.default_rng(config.seed))
-    targets = torch.from_numpy(labels)
+    extra_order = (
+        None
+        if extra is None
+        else _batch_order(
+            len(extra[0]), config.steps, config.batch_size, np.random.default_rng([config.seed, 1])
+        )
+    )
     model.train()
-    for idx in order:
+    for step, idx in enumerate(order):
         idx = np.sort(idx)  # sorted: sequential reads when images is a memory map
-        x = to_model_input(torch.from_numpy(images[idx]), device)
-        loss = F.cross_entropy(model(x), targets[idx].to(device))
+        xs, ys = images[idx], labels[idx]
+        if extra is not None and extra_order is not None:
+            jdx = np.sort(extra_order[step])
+            xs, ys = np.concatenate([xs, extra[0][jdx]]), np.concatenate([ys, extra[1][jdx]])
+        x = to_model_input(torch.from_numpy(xs), device)
+        loss = F.cross_entropy(model(x), torch.from_numpy(ys).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -226,7 +245,7 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 @dataclass
 class AugmentationResult:
     subset_accuracy: float  # trained on `fraction` of the real labels only
-    augmented_accuracy: float  # the same real subset plus every synthetic image
+    augmented_accuracy: float  # the same real batches, each step joined by a synthetic batch as large
     gain: float  # augmented - subset, in accuracy points (0.05 = five percentage points)
     fraction: float
     n_subset: int
@@ -258,8 +277,12 @@ def augmentation_gain(
     idx = stratified_subset(real_train_labels, fraction, config.seed)
     sub_x, sub_y = real_train[idx], real_train_labels[idx]
     base = train_classifier(sub_x, sub_y, num_classes=k, config=config, device=device)
-    mixed_x, mixed_y = np.concatenate([sub_x, synth]), np.concatenate([sub_y, synth_labels])
-    aug = train_classifier(mixed_x, mixed_y, num_classes=k, config=config, device=device)
+    # Same steps, same real batches, plus a synthetic batch of the same size each step: the real labels
+    # are never crowded out (pooling 5,000 samples with 1,000 real images would leave the real subset
+    # one step in six), so the gain measures what the synthetic images add.
+    aug = train_classifier(
+        sub_x, sub_y, num_classes=k, config=config, device=device, extra=(synth, synth_labels)
+    )
     acc_base = accuracy(base, real_test, real_test_labels)
     acc_aug = accuracy(aug, real_test, real_test_labels)
     return AugmentationResult(
