@@ -28,6 +28,7 @@ from vaeforge.cli import main
 from vaeforge.config import get_preset
 from vaeforge.data import load_images
 from vaeforge.model import VAE
+from vaeforge.sampling import load_gmm
 
 TINY = ["--preset", "tiny", "--max-samples", "256", "--batch-size", "32"]
 
@@ -190,8 +191,13 @@ def test_train_from_and_to_s3_then_resume(s3_prefix: str, tmp_path: Path, monkey
     (ckpt,) = checkpoint_locations(run)
     assert storage.basename(ckpt).startswith("epoch0001_step")
     names = {e.name for e in storage.list_files(ckpt)}
-    assert {"model.pt", "trainer.pt", "meta.json"} <= names
-    assert load_vae(run).model.decoder(torch.zeros(2, 16)).shape == (2, 3, 64, 64)
+    assert {"model.pt", "trainer.pt", "meta.json", "sampler_gmm.npz"} <= names
+    loaded = load_vae(run)
+    assert loaded.model.decoder(torch.zeros(2, 16)).shape == (2, 3, 64, 64)
+    # the end-of-training fit, uploaded beside the weights, arrives with the cached copy; per class
+    # (cats, dogs), and it records where it belongs
+    gmm = load_gmm(loaded.path)
+    assert gmm.class_ids() == [0, 1] and gmm.meta["checkpoint"] == ckpt
 
     run_cli([*args, "--epochs", "2", "--resume"])  # restores optimiser and loop state from s3
     rows = [json.loads(r) for r in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
