@@ -137,7 +137,7 @@ def fitted_ckpt(tmp_path: Path) -> Path:
     model = VAE(get_preset("tiny")).eval()
     ckpt = save_checkpoint(tmp_path / "ckpt", model, {"epoch": 0, "metrics": {}})
     images = np.random.default_rng(0).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
-    fit_and_store(str(ckpt), images, None, k=3, seed=0)
+    fit_and_store(load_vae(ckpt), images, None, k=3, seed=0)
     return ckpt
 
 
@@ -170,7 +170,7 @@ def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: P
     images = rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)
     images[100:] //= 4  # class 1 is darker, so its latents sit elsewhere
     labels = np.repeat([0, 1], 100)
-    where, gmm = fit_and_store(str(ckpt), images, labels, k=2, seed=0)
+    where, gmm = fit_and_store(load_vae(ckpt), images, labels, k=2, seed=0)
     assert gmm.per_class and where == str(ckpt / "sampler_gmm.npz")
     cfg = GenerateConfig(
         checkpoint=str(ckpt), output=str(tmp_path), count=30, sampler="gmm", classes="0:10,1:20",
@@ -188,7 +188,7 @@ def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: P
         z = gmm.sample(meta["seed"], meta["shard"], meta["index"], 1, labels=np.array([meta["label"]]))
         np.testing.assert_array_equal(worker.decode(z)[0], s["png"])
     # a pooled fit cannot label an unconditional model's samples
-    fit_and_store(str(ckpt), images, labels, k=2, seed=0, per_class=False)
+    fit_and_store(load_vae(ckpt), images, labels, k=2, seed=0, per_class=False)
     with pytest.raises(UserError, match="fit-sampler --per-class"):
         class_totals(cfg, 0, load_vae(ckpt).meta, load_gmm(ckpt))
 
@@ -217,7 +217,7 @@ def test_a_refit_mixture_is_a_different_plan(fitted_ckpt: Path, tmp_path: Path, 
     assert manifest["sampler_sha256"] == load_gmm(fitted_ckpt).sha256()
     assert manifest["sampler_fit"]["k"] == 3
     images = np.random.default_rng(1).integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
-    fit_and_store(str(fitted_ckpt), images, None, k=3, seed=0)  # other data: other mixture
+    fit_and_store(load_vae(fitted_ckpt), images, None, k=3, seed=0)  # other data: other mixture
     with pytest.raises(UserError, match="sampler_sha256"):
         run_generate(cfg)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vaeforge import storage
-from vaeforge.checkpoint import SAMPLER_FILE, load_vae
+from vaeforge.checkpoint import SAMPLER_FILE, LoadedCheckpoint, load_vae
 from vaeforge.errors import UserError
 from vaeforge.run_data import find_run, load_eval_data
 from vaeforge.sampling import GaussianMixture, fit_latent_gmm
@@ -36,7 +36,7 @@ def store_gmm(gmm: GaussianMixture, checkpoint: str) -> str:
 
 
 def fit_and_store(
-    checkpoint: str,
+    loaded: LoadedCheckpoint,
     images: np.ndarray,
     labels: np.ndarray | None,
     k: int | None = None,
@@ -45,19 +45,19 @@ def fit_and_store(
     per_class: bool | None = None,
     index: np.ndarray | None = None,
 ) -> tuple[str, GaussianMixture]:
-    """Fit on `images` (+ labels; only images[index] when given) with the checkpoint's encoder and store
-    the fit beside it.
+    """Fit on `images` (+ labels; only images[index] when given) with the loaded checkpoint's encoder and
+    store the fit beside it.
 
     Returns:
         (where the fit was stored, the fit).
     """
-    loaded = load_vae(checkpoint)
+    where = loaded.location or str(loaded.path)
     torch.set_num_threads(os.cpu_count() or 1)
     if loaded.model.config.num_classes and labels is None:
-        raise UserError(f"{checkpoint} is a conditional model but its training images have no labels")
+        raise UserError(f"{where} is a conditional model but its training images have no labels")
     gmm = fit_latent_gmm(loaded.model, images, labels, k, seed, max_points, per_class, index)
-    gmm.meta.update(checkpoint=loaded.location or str(loaded.path))
-    return store_gmm(gmm, loaded.location or str(loaded.path)), gmm
+    gmm.meta.update(checkpoint=where)
+    return store_gmm(gmm, where), gmm
 
 
 def run_fit_sampler(
@@ -81,6 +81,4 @@ def run_fit_sampler(
     run = find_run(Path(loaded.path)) if not storage.is_uri(loaded.location) else None
     real = load_eval_data(run, None if run else data, seed, loaded.model.config.image_size)
     labels = real.train_labels if real.labeled else None
-    return fit_and_store(
-        loaded.location or str(loaded.path), real.train, labels, k, seed, max_points, per_class
-    )
+    return fit_and_store(loaded, real.train, labels, k, seed, max_points, per_class)

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from vaeforge import __version__, storage
-from vaeforge.checkpoint import CHECKPOINTS_DIR, TRAINER_FILE, checkpoint_locations, resolve_checkpoint
+from vaeforge.checkpoint import (
+    CHECKPOINTS_DIR,
+    TRAINER_FILE,
+    checkpoint_locations,
+    load_vae,
+    resolve_checkpoint,
+)
 from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import ModelConfig, TrainConfig
 from vaeforge.data import ImageSet, load_images
@@ -192,7 +198,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
         notify({"kind": "fit_sampler", "checkpoint": best, "images": min(len(train_idx), FIT_POINTS)})
         labels = data.labels if (data.labels[train_idx] >= 0).all() else None
         sampler = fit_and_store(
-            best, data.images, labels, seed=cfg.seed, max_points=FIT_POINTS, index=train_idx
+            load_vae(best), data.images, labels, seed=cfg.seed, max_points=FIT_POINTS, index=train_idx
         )
     return TrainResult(out, best, resolve_checkpoint(out, "latest"), history, sampler)
 
