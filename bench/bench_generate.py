@@ -13,6 +13,8 @@ decoder in that same layout (one 1-thread process per core, concurrently) and su
 Then peak RSS of the driver and of the actors at count 2e4 and 2e5 (the tiny preset, so 2e5 stays quick:
 memory is decided by the pipeline's structure, not the model width), which must be flat.
 Without --checkpoint a randomly initialised seed64 checkpoint is used: speed does not depend on weights.
+--sampler gmm generates from a full-covariance mixture of 30 components (10 classes x 3, as a per-class
+fit of Fashion-MNIST has) stored beside that checkpoint; its speed does not depend on the fit either.
 """
 
 from __future__ import annotations
@@ -37,11 +39,20 @@ from vaeforge.config import get_preset
 from vaeforge.encode import encode_image
 from vaeforge.model import VAE, inference_decoder
 from vaeforge.runtime import autocast, resolve_precision, to_uint8_hwc
+from vaeforge.sampling import GaussianMixture, gmm_path
 
 
 def make_checkpoint(directory: Path, preset: str) -> str:
     torch.manual_seed(0)
     return str(save_checkpoint(directory, VAE(get_preset(preset)).eval(), {"epoch": 0, "metrics": {}}))
+
+
+def add_mixture(checkpoint: str, latent_dim: int, k: int = 30) -> None:
+    """A random full-covariance mixture stored where fit-sampler would put it: sampling cost, not quality."""
+    rng = np.random.default_rng(0)
+    chol = np.tril(rng.standard_normal((k, latent_dim, latent_dim)) * 0.02) + 0.5 * np.eye(latent_dim)
+    means = rng.standard_normal((k, latent_dim))
+    GaussianMixture(np.full(k, 1 / k), means, chol, {"bench": True}).save(gmm_path(checkpoint))
 
 
 def raw_decode(
@@ -105,7 +116,14 @@ def png_alone(n: int) -> float:
 
 
 def end_to_end(
-    checkpoint: str, fmt: str, count: int, batch: int, precision: str, tmp: Path, dashboard: bool = False
+    checkpoint: str,
+    fmt: str,
+    count: int,
+    batch: int,
+    precision: str,
+    tmp: Path,
+    dashboard: bool = False,
+    sampler: str = "prior",
 ) -> dict:
     """`vaeforge generate` in a subprocess, as users run it; img/s from its own timer, peak RSS from /proc."""
     out = tmp / f"gen-{fmt}-{count}"
@@ -130,6 +148,8 @@ def end_to_end(
         str(min(count // 2, 10_000)),  # at least one shard per actor
         "--overwrite",
         "--dashboard" if dashboard else "--no-dashboard",
+        "--sampler",
+        sampler,
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
@@ -154,6 +174,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--sampler", choices=("prior", "gmm"), default="prior")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--raw-seconds", type=float, default=40.0, help="Length of each raw decoder run.")
     args = ap.parse_args()
@@ -166,8 +187,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vf-genbench-") as t:
         tmp = Path(t)
         ckpt = args.checkpoint or make_checkpoint(tmp / "seed64", "seed64")
+        if args.sampler == "gmm" and not args.checkpoint:
+            add_mixture(ckpt, get_preset("seed64").latent_dim)
         png = png_alone(5000)
-        print(f"seed64 decoder, {precision}, batch {args.batch}, {threads} x 1-thread processes/actors")
+        print(
+            f"seed64 decoder, {precision}, batch {args.batch}, {threads} x 1-thread processes/actors,",
+            f"{args.sampler} sampler",
+        )
         print(f"PNG encode alone (1 thr)          {png:9.1f} img/s")
         # The machine is shared, so its speed drifts over minutes: each end-to-end run is compared with raw
         # runs measured right before and right after it, and the ratio uses their mean.
@@ -177,7 +203,7 @@ def main() -> None:
         # processes take ~2.5% of the CPU. The last run shows what it costs with the dashboard on.
         runs = [("webdataset", False), ("parquet", False), ("webdataset", True)]
         for fmt, dashboard in runs:
-            r = end_to_end(ckpt, fmt, args.count, args.batch, precision, tmp, dashboard)
+            r = end_to_end(ckpt, fmt, args.count, args.batch, precision, tmp, dashboard, args.sampler)
             after = raw_decode_layout(ckpt, args.batch, threads, precision, args.raw_seconds)
             label = f"{fmt}/png" + (" + dashboard" if dashboard else "")
             print(

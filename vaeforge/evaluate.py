@@ -126,7 +126,14 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     labeled = [s for s in samplers if (samples[s][1] >= 0).all()]
     use_with = min(labeled, key=lambda s: metrics["samplers"][s]["distribution"]["fid"]) if labeled else best
     metrics["usefulness"] = _usefulness(
-        cfg, data, train, train_labels, hold, hold_labels, samples[use_with], say
+        cfg,
+        data,
+        train,
+        train_labels,
+        hold,
+        hold_labels,
+        lambda: _matched(model, use_with, ckpt_dir, samples[use_with], len(train), cfg.seed, say),
+        say,
     )
     metrics["usefulness"]["sampler"] = use_with
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +146,25 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     tmp.write_text(page)
     tmp.replace(out / "report.html")
     return EvaluateResult(out, metrics)
+
+
+def _matched(
+    model: VAE,
+    sampler: str,
+    ckpt_dir: Path,
+    sample: tuple[np.ndarray, np.ndarray],
+    n_real: int,
+    seed: int,
+    say: Progress,
+) -> tuple[np.ndarray, np.ndarray]:
+    """As many samples as real training images, so that TSTR compares two training sets of one size
+    (Ravuri & Vinyals 2019 match them too): with fewer, a synthetic set would lose to the real one for
+    its size alone. The first `--samples` of them are the ones the quality metrics saw."""
+    images, labels = sample
+    if len(images) >= n_real or (labels < 0).any():
+        return images[:n_real], labels[:n_real]
+    say(f"{n_real:,} samples from the {sampler} sampler for usefulness, as many as the real training set")
+    return draw_samples(model, sampler, ckpt_dir, n_real, seed)
 
 
 def _inception_features(net: InceptionEmbedding, images: np.ndarray, what: str, say: Progress) -> np.ndarray:
@@ -173,7 +199,7 @@ def _usefulness(
     train_labels: np.ndarray,
     hold: np.ndarray,
     hold_labels: np.ndarray,
-    sample: tuple[np.ndarray, np.ndarray],
+    sample: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]],
     say: Progress,
 ) -> dict[str, Any]:
     """TSTR and augmentation gain, or why they could not be measured."""
@@ -181,7 +207,7 @@ def _usefulness(
         return {"skipped": "--no-usefulness"}
     if not data.labeled:
         return {"skipped": "the data has no labels"}
-    images, labels = sample
+    images, labels = sample() if callable(sample) else sample
     if (labels < 0).any():
         return {
             "skipped": "the samples have no labels: train with --conditional, or fit the sampler "

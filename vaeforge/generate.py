@@ -28,7 +28,13 @@ from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker
-from vaeforge.sampling import GaussianMixture, load_gmm, parse_classes, shard_class_quotas
+from vaeforge.sampling import (
+    GMM_TRANSFORM,
+    GaussianMixture,
+    load_gmm,
+    parse_classes,
+    shard_class_quotas,
+)
 from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
@@ -107,7 +113,9 @@ def class_totals(
 
 def sampler_identity(gmm: GaussianMixture | None) -> dict[str, Any]:
     """What the sampler adds to the plan: a fitted mixture decides the bytes as much as the weights do."""
-    return {} if gmm is None else {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta}
+    if gmm is None:
+        return {}
+    return {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta, "sampler_transform": GMM_TRANSFORM}
 
 
 def _plan_record(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[str, Any]:
