@@ -71,7 +71,9 @@ def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path:
         assert s["distribution"]["fid"] >= 0 and 0 <= s["distribution"]["coverage"] <= 1
         assert s["memorization"]["n_generated"] == 60
     assert m["likelihood"]["neg_elbo_nats"] > 0 and m["likelihood"]["conditional_on_label"]
-    assert 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
+    tstr = m["usefulness"]["tstr"]
+    assert 0 <= tstr["tstr_accuracy"] <= 1
+    assert tstr["n_synth"] == tstr["n_real_train"] == m["train_n"] == 200  # two training sets of one size
     assert "gain" in m["usefulness"]["augmentation"]
     page = (out / "report.html").read_text()
     for section in ("metrics", "samples", "samples-per-class", "reconstructions", "interpolations",
