@@ -199,15 +199,16 @@ def _usefulness(
     train_labels: np.ndarray,
     hold: np.ndarray,
     hold_labels: np.ndarray,
-    sample: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]],
+    draw: Callable[[], tuple[np.ndarray, np.ndarray]],
     say: Progress,
 ) -> dict[str, Any]:
-    """TSTR and augmentation gain, or why they could not be measured."""
+    """TSTR and augmentation gain, or why they could not be measured; `draw` gives the labeled samples,
+    called only once the data is known to be labeled (it may decode thousands more)."""
     if not cfg.usefulness:
         return {"skipped": "--no-usefulness"}
     if not data.labeled:
         return {"skipped": "the data has no labels"}
-    images, labels = sample() if callable(sample) else sample
+    images, labels = draw()
     if (labels < 0).any():
         return {
             "skipped": "the samples have no labels: train with --conditional, or fit the sampler "
