@@ -8,6 +8,9 @@ Prints, for the seed64 decoder at one precision, batch size and thread layout:
   where raw is the mean of the raw runs just before and just after that end-to-end run. Both decode
   with model.inference_decoder (BatchNorm folded, LeakyReLU fused), as generate's workers do. The ratio
   runs use --no-dashboard; a third run shows webdataset/png with Ray's dashboard on, for its cost.
+  Under each end-to-end run a breakdown from its stats.json says what the ratio is made of: how busy
+  the actors were, the share of their shard time in each phase, and their decode rate against raw.
+  --repeats N runs the three end-to-end runs N times (each followed by a raw run): median ratios.
 The thread layout is generate's default on a CPU: one 1-thread actor per core. "Raw" runs the bare
 decoder in that same layout (one 1-thread process per core, concurrently) and sums their rates.
 Then peak RSS of the driver and of the actors at count 2e4 and 2e5 (the tiny preset, so 2e5 stays quick:
@@ -162,6 +165,23 @@ def end_to_end(
     return {"ips": float(speed.split()[1].replace(",", "")), "wall": wall, **stats}
 
 
+def breakdown(r: dict) -> str:
+    """Where the end-to-end run's actor time went, from its stats.json: what the ratio is made of.
+
+    ratio ~= busy x decode share x (decode rate inside the actors / raw rate).
+    """
+    sec, n = r["actor_seconds"], r["images"]
+    phases = ", ".join(
+        f"{k} {sec[k] / sec['total']:.1%}" for k in ("decode", "latents", "encode", "write", "commit")
+    )
+    in_actors = n * r["actors"] / sec["decode"]  # the actors' summed decode rate (they share the work)
+    return (
+        f"busy {r['busy_fraction']:.3f} (start lag {r['start_lag_s']:.1f}s, tail {r['tail_s']:.1f}s "
+        f"of {r['seconds']:.1f}s); shard time: {phases}; "
+        f"decode in actors {in_actors:.1f} img/s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -177,6 +197,12 @@ def main() -> None:
     ap.add_argument("--sampler", choices=("prior", "gmm"), default="prior")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--raw-seconds", type=float, default=40.0, help="Length of each raw decoder run.")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Rounds of the three end-to-end runs, each followed by a raw run; prints the median ratios.",
+    )
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     precision = resolve_precision(args.precision, torch.device("cpu"))
@@ -202,17 +228,25 @@ def main() -> None:
         # The ratio runs leave Ray's dashboard off: it is monitoring, not generation, and on 2 cores its
         # processes take ~2.5% of the CPU. The last run shows what it costs with the dashboard on.
         runs = [("webdataset", False), ("parquet", False), ("webdataset", True)]
-        for fmt, dashboard in runs:
-            r = end_to_end(ckpt, fmt, args.count, args.batch, precision, tmp, dashboard, args.sampler)
-            after = raw_decode_layout(ckpt, args.batch, threads, precision, args.raw_seconds)
-            label = f"{fmt}/png" + (" + dashboard" if dashboard else "")
-            print(
-                f"generate {label:<24} {r['ips']:9.1f} img/s",
-                f"  ratio to raw {r['ips'] / ((raw + after) / 2):.3f}"
-                + ("" if dashboard else " (target >= 0.95)"),
-            )
-            print(f"raw decoder forward               {after:9.1f} img/s")
-            raw = after
+        ratios: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for fmt, dashboard in runs:
+                r = end_to_end(ckpt, fmt, args.count, args.batch, precision, tmp, dashboard, args.sampler)
+                after = raw_decode_layout(ckpt, args.batch, threads, precision, args.raw_seconds)
+                label = f"{fmt}/png" + (" + dashboard" if dashboard else "")
+                ratio = r["ips"] / ((raw + after) / 2)
+                ratios.setdefault(label, []).append(ratio)
+                print(
+                    f"generate {label:<24} {r['ips']:9.1f} img/s",
+                    f"  ratio to raw {ratio:.3f}" + ("" if dashboard else " (target >= 0.95)"),
+                )
+                print(f"  {breakdown(r)}")
+                print(f"raw decoder forward               {after:9.1f} img/s")
+                raw = after
+        if args.repeats > 1:
+            print(f"\nmedian ratio over {args.repeats} repeats:")
+            for label, values in ratios.items():
+                print(f"  {label:<24} {float(np.median(values)):.3f}  ({min(values):.3f}-{max(values):.3f})")
         if args.skip_memory:
             return
         tiny = make_checkpoint(tmp / "tiny", "tiny")

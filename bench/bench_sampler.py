@@ -1,5 +1,6 @@
-"""Latent sampling cost per sample: the prior, and the mixture's per-sample float64 product against the
-fixed-point product that GaussianMixture.sample uses, in one run.
+"""Latent sampling cost per sample, in one run: the prior with a generator seeded per sample (as it was)
+against one jumped-ahead stream per shard (sampling.SampleStreams), and the mixture's per-sample float64
+product against the fixed-point product that GaussianMixture.sample uses.
 
     .venv/bin/python bench/bench_sampler.py [--dim 512] [--k 30] [--n 2048] [--rounds 5]
 
@@ -34,6 +35,14 @@ def per_sample(gmm: GaussianMixture, seed: int, shard: int, start: int, n: int) 
     return z
 
 
+def seeded_prior(seed: int, shard: int, start: int, n: int, dim: int) -> np.ndarray:
+    """The prior as it was: a generator seeded from (seed, shard, index) for every sample."""
+    z = np.empty((n, dim), dtype=np.float32)
+    for j in range(n):
+        z[j] = np.random.default_rng([seed, shard, start + j]).standard_normal(dim, dtype=np.float32)
+    return z
+
+
 def timed(fn, n: int) -> float:
     t0 = time.perf_counter()
     fn()
@@ -55,17 +64,21 @@ def main() -> None:
     err = float(np.abs(ref - fast).max())
     if err > 1e-4:
         raise SystemExit(f"the two mixture samplers disagree by {err:.2e}")
-    rows: dict[str, list[float]] = {"prior": [], "mixture, per-sample": [], "mixture, fixed-point": []}
+    names = ("prior, seeded per sample", "prior, shard stream", "mixture, per-sample", "mixture, fixed-point")
+    rows: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        rows["prior"].append(timed(lambda r=r: prior_latents(0, r, 0, n, d, 1.0), n))
+        rows["prior, seeded per sample"].append(timed(lambda r=r: seeded_prior(0, r, 0, n, d), n))
+        rows["prior, shard stream"].append(timed(lambda r=r: prior_latents(0, r, 0, n, d, 1.0), n))
         rows["mixture, per-sample"].append(timed(lambda r=r: per_sample(gmm, 0, r, 0, n), n))
         rows["mixture, fixed-point"].append(timed(lambda r=r: gmm.sample(0, r, 0, n), n))
     med = {name: float(np.median(v)) for name, v in rows.items()}
     print(f"latent dim {d}, {k} components, {n} samples a call, median of {args.rounds} rounds, 1 thread")
     for name, us in med.items():
-        print(f"  {name:<22} {us:8.1f} us/sample  (rounds {min(rows[name]):.1f}-{max(rows[name]):.1f})")
-    print(f"  fixed-point speed-up  {med['mixture, per-sample'] / med['mixture, fixed-point']:.2f}x")
-    print(f"  max |difference|      {err:.1e} (float32 latents)")
+        print(f"  {name:<26} {us:8.1f} us/sample  (rounds {min(rows[name]):.1f}-{max(rows[name]):.1f})")
+    streams = med["prior, seeded per sample"] / med["prior, shard stream"]
+    print(f"  shard-stream speed-up      {streams:.2f}x")
+    print(f"  fixed-point speed-up       {med['mixture, per-sample'] / med['mixture, fixed-point']:.2f}x")
+    print(f"  max |difference|           {err:.1e} (float32 latents)")
 
 
 if __name__ == "__main__":

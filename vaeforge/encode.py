@@ -56,21 +56,29 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _png(img: np.ndarray, quality: int) -> bytes:
-    h, w, c = img.shape
-    rows = img.reshape(h, w * c)  # (H, W*3) bytes of each scanline
-    scanlines = np.empty((h, 1 + w * c), dtype=np.uint8)  # each scanline is prefixed by its filter type
-    scanlines[:, 0] = _PNG_FILTER_UP
-    scanlines[0, 1:] = rows[0]  # the row above the first is defined as zeros
-    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG wants
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit truecolour, no interlace
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(scanlines.tobytes(), PNG_COMPRESS_LEVEL)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
+    return _png_batch(img[None])[0]
+
+
+def _png_batch(images: np.ndarray) -> list[bytes]:
+    """(B, H, W, 3) uint8 -> B PNG files; the same bytes as encoding each image alone.
+
+    The row filter runs once over the whole batch and the fixed chunks are built once: per image, what
+    is left is the deflate (~80% of the time), one CRC and one join.
+    """
+    b, h, w, c = images.shape
+    rows = images.reshape(b, h, w * c)  # (B, H, W*3) bytes of each scanline
+    scanlines = np.empty((b, h, 1 + w * c), dtype=np.uint8)  # each scanline is prefixed by its filter type
+    scanlines[:, :, 0] = _PNG_FILTER_UP
+    scanlines[:, 0, 1:] = rows[:, 0]  # the row above the first is defined as zeros
+    np.subtract(rows[:, 1:], rows[:, :-1], out=scanlines[:, 1:, 1:])  # uint8 wraps mod 256, as PNG wants
+    head = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    tail = _png_chunk(b"IEND", b"")  # 8-bit truecolour, no interlace, above
+    out = []
+    for lines in scanlines:
+        idat = b"IDAT" + isal_zlib.compress(lines.tobytes(), PNG_COMPRESS_LEVEL)
+        size, crc = struct.pack(">I", len(idat) - 4), struct.pack(">I", zlib.crc32(idat))
+        out.append(b"".join((head, size, idat, crc, tail)))
+    return out
 
 
 def _jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -140,8 +148,21 @@ def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return spec.encode(img, quality)
 
 
-def _encode_chunk(images: Sequence[np.ndarray], fmt: str, quality: int) -> list[bytes]:
+def encode_batch(images: np.ndarray | Sequence[np.ndarray], fmt: str, quality: int = 95) -> list[bytes]:
+    """Encode a batch: (B, H, W, 3) uint8, or a sequence of (H, W, 3) uint8; as encode_image, in order.
+
+    A (B, H, W, 3) array of PNGs is encoded as one batch (see _png_batch), with the same bytes.
+    """
+    if fmt == "png" and isinstance(images, np.ndarray) and images.ndim == 4 and len(images):
+        if images.shape[3] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected (B, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
+        _check_quality(quality)
+        return _png_batch(images)
     return [encode_image(img, fmt, quality) for img in images]
+
+
+def _encode_chunk(images: np.ndarray | Sequence[np.ndarray], fmt: str, quality: int) -> list[bytes]:
+    return encode_batch(images, fmt, quality)
 
 
 def _gather(parts: list[Future[list[bytes]]]) -> Future[list[bytes]]:

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -30,6 +31,7 @@ from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker
 from vaeforge.sampling import (
     GMM_TRANSFORM,
+    LATENT_STREAMS,
     GaussianMixture,
     load_gmm,
     parse_classes,
@@ -113,9 +115,15 @@ def class_totals(
 
 def sampler_identity(gmm: GaussianMixture | None) -> dict[str, Any]:
     """What the sampler adds to the plan: a fitted mixture decides the bytes as much as the weights do."""
+    streams = {"latent_streams": LATENT_STREAMS}
     if gmm is None:
-        return {}
-    return {"sampler_sha256": gmm.sha256(), "sampler_fit": gmm.meta, "sampler_transform": GMM_TRANSFORM}
+        return streams
+    return {
+        **streams,
+        "sampler_sha256": gmm.sha256(),
+        "sampler_fit": gmm.meta,
+        "sampler_transform": GMM_TRANSFORM,
+    }
 
 
 def _plan_record(cfg: GenerateConfig, sha: str, sampler: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +342,10 @@ def _run_pool(
         return spawned[-1]
 
     queue, running = deque(todo), {}
+    spent: dict[str, float] = {}  # seconds per pipeline phase, over all shards (generate_worker.PhaseClock)
+    spans: dict[Any, tuple[float, float]] = {}  # actor -> (first shard start, last shard end), wall clock
     idle = [spawn() for _ in range(min(n_actors, len(todo)))]
+    pool_size = len(idle)
     try:
         try:
             first = ray.get(idle[0].info.remote())
@@ -342,6 +353,7 @@ def _run_pool(
             raise UserError(f"a generate worker died while starting: {str(e).splitlines()[0]}") from None
         notify({"kind": "workers", "n": len(idle), "threads": threads, **first})
         t0 = time.perf_counter()  # throughput counts from the first ready actor: start-up is not generation
+        wall0 = time.time()
         while queue or running:
             while queue and idle:
                 actor, task = idle.pop(), queue.popleft()
@@ -361,9 +373,22 @@ def _run_pool(
                 queue.appendleft(_retry(task, cfg, str(e.cause) if e.cause else type(e).__name__))
                 continue
             idle.append(actor)
+            for phase, sec in result.pop("seconds", {}).items():
+                spent[phase] = spent.get(phase, 0.0) + sec
+            first, last = spans.get(actor, (math.inf, 0.0))
+            begun, ended = result.pop("span", (math.inf, 0.0))
+            spans[actor] = (min(first, begun), max(last, ended))
             records.record(result)
             notify({"kind": "shard", **result})
         stats["generate_seconds"] = time.perf_counter() - t0
+        # Where the actors' time went, summed over shards; busy_fraction = shard time / (actors x window):
+        # what is missing from 1 is start-up lag of later actors, the tail, and dispatch between shards.
+        stats["actor_seconds"] = spent
+        stats["actors"] = pool_size
+        stats["busy_fraction"] = spent.get("total", 0.0) / (pool_size * stats["generate_seconds"])
+        if spans:  # the latest first shard start and the earliest last shard end, against the window
+            stats["start_lag_s"] = max(a for a, _ in spans.values()) - wall0
+            stats["tail_s"] = wall0 + stats["generate_seconds"] - min(b for _, b in spans.values())
         stats["actor_peak_mb"] = max(ray.get([a.peak_rss_mb.remote() for a in idle]), default=0.0)
     finally:
         for a in spawned:

@@ -5,8 +5,10 @@ generate.py wraps this class in a Ray actor; tests and benchmarks can drive it d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -18,13 +20,14 @@ import torch
 from vaeforge import storage
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import GenerateConfig
-from vaeforge.encode import EncoderPool, encode_image, extension
+from vaeforge.encode import EncoderPool, encode_batch, extension
 from vaeforge.model import inference_decoder
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_uint8_hwc
 from vaeforge.sampling import make_sampler, shard_labels
 from vaeforge.writers import clean_dead_staging, make_writer
 
 LATENT_SPAN = 2048  # samples whose latents are drawn in one sampler call (see _latent_batches)
+MIN_DECODE_ROWS = 16  # smaller batches are padded to this many rows (see ShardWorker.decode)
 FAILURE_ENV = "VAEFORGE_INJECT_FAILURE"  # "SHARD[:TIMES][:crash]" for fault-injection tests
 
 
@@ -84,11 +87,22 @@ class ShardWorker:
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """(B, D) latents (+ (B,) labels for a conditional model) -> (B, H, W, 3) uint8."""
+        """(B, D) latents (+ (B,) labels for a conditional model) -> (B, H, W, 3) uint8.
+
+        Fewer than MIN_DECODE_ROWS latents are padded to that many (copies of the last) and the copies
+        dropped: oneDNN picks other fp32 kernels for batches of 1-3, whose last-bit differences flip a
+        pixel's rounding now and then, and a shard's last batch, or one sample regenerated alone, must
+        give the bytes a full batch gives.
+        """
+        n = len(z)
+        if 0 < n < MIN_DECODE_ROWS:
+            rows = np.minimum(np.arange(MIN_DECODE_ROWS), n - 1)  # 0, 1, ..., n-1, n-1, n-1
+            z = z[rows]
+            labels = None if labels is None else labels[rows]
         y = None if labels is None else torch.from_numpy(labels).to(self.device)
         with autocast(self.precision, self.device):
             images = self.decoder(torch.from_numpy(z).to(self.device), y)
-        return to_uint8_hwc(images).numpy()
+        return to_uint8_hwc(images[:n]).numpy()
 
     def run(self, task: ShardTask) -> dict[str, Any]:
         """Write shard `task` under a temp name and commit it atomically; returns its ShardInfo as a dict."""
@@ -97,16 +111,23 @@ class ShardWorker:
         ext = extension(cfg.image_format)
         writer = make_writer(cfg.format, task.path, image_ext=ext)
         labels = None if task.class_counts is None else shard_labels(task.class_counts)
+        clock = PhaseClock()
         try:
             pending = None  # (start, labels, future) of the batch being encoded while the next one decodes
-            for start, z, y in self._latent_batches(task, labels):
-                future = self._encode(self.decode(z, y if self.conditional else None))
+            for start, z, y in clock.iterate("latents", self._latent_batches(task, labels)):
+                with clock("decode"):
+                    images = self.decode(z, y if self.conditional else None)
+                with clock("encode"):  # inline encoding, or only the hand-off to the encoder threads
+                    future = self._encode(images)
                 if pending is not None:
-                    self._write(writer, task, *pending)
+                    with clock("write"):  # includes waiting for the encoder threads, if any
+                        self._write(writer, task, *pending)
                 pending = (start, y, future)
             if pending is not None:
-                self._write(writer, task, *pending)
-            info = writer.commit()
+                with clock("write"):
+                    self._write(writer, task, *pending)
+            with clock("commit"):
+                info = writer.commit()
         except BaseException:
             writer.abort()
             raise
@@ -119,6 +140,9 @@ class ShardWorker:
             "device": self.device.type,
             "precision": self.precision,
             "attempt": task.attempt,
+            # observability for stats.json, dropped from the done records by the driver
+            "seconds": clock.seconds(),
+            "span": (clock.started, time.time()),  # wall clock, to place the shard in the run's window
         }
 
     def _latent_batches(
@@ -145,7 +169,7 @@ class ShardWorker:
         if self.encoders is not None:
             return self.encoders.submit_batch(images, self.cfg.image_format, self.cfg.quality)
         done: Future[list[bytes]] = Future()
-        done.set_result([encode_image(img, self.cfg.image_format, self.cfg.quality) for img in images])
+        done.set_result(encode_batch(images, self.cfg.image_format, self.cfg.quality))
         return done
 
     def _write(
@@ -166,6 +190,41 @@ class ShardWorker:
             if label is not None and label < len(self.class_names):
                 meta["class"] = self.class_names[label]
             writer.write(sample_key(task.index, i), data, meta)
+
+
+class PhaseClock:
+    """Wall seconds a shard spends in each phase of the pipeline, and in all of it ("total").
+
+    Summed over shards into stats.json, so that a slow run says where its time went (decode against
+    everything else) without a profiler. A handful of perf_counter calls per batch.
+    """
+
+    def __init__(self) -> None:
+        self._t0, self.started = time.perf_counter(), time.time()
+        self._spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent[phase] = self._spent.get(phase, 0.0) + time.perf_counter() - t
+
+    def iterate(self, phase: str, items: Iterator[Any]) -> Iterator[Any]:
+        """Yield from `items`, charging the time spent producing each item to `phase`."""
+        while True:
+            with self(phase):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+    def seconds(self) -> dict[str, float]:
+        return {**self._spent, "total": time.perf_counter() - self._t0}
+
+
+_END = object()
 
 
 def _maybe_fail(task: ShardTask) -> None:
