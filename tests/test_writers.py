@@ -220,7 +220,15 @@ def test_parquet_file_layout(tmp_path: Path) -> None:
     assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [10, 10, 5]
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
-        assert {rg.column(c).compression for c in range(rg.num_columns)} == {"ZSTD"}
+        codecs = {rg.column(c).path_in_schema: rg.column(c).compression for c in range(rg.num_columns)}
+        # PNGs are compressed files already: their bytes are stored as they are, the rest with zstd
+        assert codecs.pop("image.bytes") == "UNCOMPRESSED"
+        assert set(codecs) == {"key", "image.path", "label", "seed", "shard", "index"}
+        assert set(codecs.values()) == {"ZSTD"}
+    raw = tmp_path / "raw.parquet"
+    write_shard(raw, "parquet", make_images(), image_fmt="npy")
+    rg = pq.ParquetFile(raw).metadata.row_group(0)
+    assert {rg.column(c).compression for c in range(rg.num_columns)} == {"ZSTD"}  # raw pixels compress
 
     kv = pf.schema_arrow.metadata
     assert kv[b"vaeforge"].decode() == RUN_INFO["vaeforge"]
