@@ -118,6 +118,13 @@ def png_alone(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def shard_size(count: int, actors: int, most: int = 10_000) -> int:
+    """Shards of at most `most` images, as many per actor: with 3 shards on 2 actors, one actor would sit
+    out the last shard and the run would measure the imbalance instead of the pipeline."""
+    per_actor = -(-count // (actors * most))
+    return -(-count // (actors * per_actor))
+
+
 def end_to_end(
     checkpoint: str,
     fmt: str,
@@ -148,7 +155,7 @@ def end_to_end(
         "--precision",
         precision,
         "--shard-size",
-        str(min(count // 2, 10_000)),  # at least one shard per actor
+        str(shard_size(count, os.cpu_count() or 1)),
         "--overwrite",
         "--dashboard" if dashboard else "--no-dashboard",
         "--sampler",
