@@ -37,6 +37,7 @@ from vaeforge.cli import main
 from vaeforge.config import GenerateConfig, get_preset, parse_count
 from vaeforge.encode import encode_image
 from vaeforge.errors import UserError
+from vaeforge.generate import GenerateResult
 from vaeforge.generate_worker import FAILURE_ENV, ShardTask, ShardWorker
 from vaeforge.model import VAE
 from vaeforge.sampling import prior_latents
@@ -220,6 +221,24 @@ def test_stats_say_where_the_actors_time_went(wds_run: Path) -> None:
     assert 0 < stats["busy_fraction"] <= 1.001
     window = stats["generate_seconds"]
     assert 0 <= stats["start_lag_s"] < window and 0 <= stats["tail_s"] < window
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_summary_line_says_where_the_time_went(
+    ckpt: Path, tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    generate(ckpt, tmp_path / "out", 40, 20)
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+    actors = [ln for ln in lines if ln.startswith("actors")]
+    assert len(actors) == 1 and "busy; of that time: decode" in actors[0], lines
+    spent = {"decode": 3.0, "encode": 0.5, "write": 0.25, "latents": 0.25, "total": 4.0}
+    result = GenerateResult("out", 1, 10, 100, 2.0, 0, {"actor_seconds": spent, "busy_fraction": 0.9})
+    assert result.time_summary() == (
+        "90.0% busy; of that time: decode 75.0%, encode 12.5%, write 6.2%, latents 6.2%"
+    )
+    assert GenerateResult("out", 1, 0, 100, 0.0, 1).time_summary() is None  # nothing made this time
 
 
 @pytest.mark.ray

@@ -303,6 +303,8 @@ def _run_generate(cfg: GenerateConfig) -> None:
     out.print(f"  images     {cfg.count:,} ({result.images:,} made now, {result.resumed_shards} shards kept)")
     out.print(f"  bytes      {result.bytes:,}")
     out.print(f"  speed      {result.images_per_s:,.1f} images/s ({result.seconds:.1f}s after Ray start-up)")
+    if (spent := result.time_summary()) is not None:
+        out.print(f"  actors     {spent}")
 
 
 @app.command("fit-sampler")

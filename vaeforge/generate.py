@@ -55,10 +55,21 @@ class GenerateResult:
     bytes: int
     seconds: float
     resumed_shards: int
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # what stats.json holds
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def time_summary(self) -> str | None:
+        """Where the actors' time went, in one line; None when no shard was made by this run."""
+        spent = self.stats.get("actor_seconds") or {}
+        total = spent.get("total", 0.0)
+        if total <= 0:
+            return None
+        phases = sorted(((v, k) for k, v in spent.items() if k != "total"), reverse=True)
+        shares = ", ".join(f"{k} {v / total:.1%}" for v, k in phases)
+        return f"{self.stats.get('busy_fraction', 0.0):.1%} busy; of that time: {shares}"
 
 
 def checkpoint_identity(checkpoint: str) -> tuple[str, str]:
@@ -257,7 +268,7 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
         images=made, seconds=seconds, images_per_s=result.images_per_s, driver_peak_mb=_peak_rss_mb()
     )
     _write_json(storage.join(cfg.output, STATE_DIR, "stats.json"), stats)
-    return result
+    return dataclasses.replace(result, stats=stats)
 
 
 def _peak_rss_mb() -> float:
