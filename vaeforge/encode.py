@@ -161,10 +161,6 @@ def encode_batch(images: np.ndarray | Sequence[np.ndarray], fmt: str, quality: i
     return [encode_image(img, fmt, quality) for img in images]
 
 
-def _encode_chunk(images: np.ndarray | Sequence[np.ndarray], fmt: str, quality: int) -> list[bytes]:
-    return encode_batch(images, fmt, quality)
-
-
 def _gather(parts: list[Future[list[bytes]]]) -> Future[list[bytes]]:
     """One future for the concatenated results of `parts`, in order; it fails with the first error seen."""
     out: Future[list[bytes]] = Future()
@@ -239,7 +235,7 @@ class EncoderPool:
         n_chunks = min(self.n_threads, n)
         bounds = [n * i // n_chunks for i in range(n_chunks + 1)] if n_chunks else [0]
         parts = [
-            self._executor.submit(_encode_chunk, images[lo:hi], fmt, quality)
+            self._executor.submit(encode_batch, images[lo:hi], fmt, quality)
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
         ]
         return _gather(parts)

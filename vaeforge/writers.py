@@ -490,7 +490,11 @@ COMPRESSED_IMAGE_EXTS = frozenset({"png", "jpg", "webp"})
 
 def parquet_compression(image_ext: str) -> dict[str, str]:
     """Codec per leaf column: zstd everywhere, except image bytes that are compressed files already."""
-    leaves = ("key", "image.bytes", "image.path", "label", "seed", "shard", "index")
+    leaves = [
+        leaf.name
+        for field in PARQUET_SCHEMA
+        for leaf in (field.flatten() if pa.types.is_struct(field.type) else [field])
+    ]  # "image.bytes", "image.path" for the struct
     codecs = dict.fromkeys(leaves, "zstd")
     if image_ext in COMPRESSED_IMAGE_EXTS:
         codecs["image.bytes"] = "none"
