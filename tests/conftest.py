@@ -37,22 +37,27 @@ def ray_session() -> Iterator[None]:
     (RAY-NOTES: CPU starvation hangs silently).
     The temp dir is short because Ray's unix sockets live under it (sun_path holds ~107 bytes).
 
-    The dashboard is ON (on the first free port from 8265): Ray Train V2's PlacementGroupCleaner asks
-    the state API whether the controller is alive. Without our own dashboard that API still points at
-    127.0.0.1:8265, so on a machine where another Ray serves a dashboard there, the cleaner finds no
-    such controller, takes it for dead and removes the live run's placement group: the worker dies
-    mid-training ("Destroying worker since its placement group was removed").
+    The dashboard is ON, and every process of this Ray is pinned to it (RAY_API_SERVER_ADDRESS), as
+    vaeforge.cluster.init_ray pins its own local Rays: Ray Train V2's PlacementGroupCleaner asks the state
+    API whether the controller is alive, and unpinned it may ask another Ray on this machine (a training
+    run beside the tests), find no such controller and remove the live run's placement group: the worker
+    dies mid-training ("Destroying worker since its placement group was removed").
     """
     import ray
+
+    from vaeforge.cluster import DASHBOARD_PORT, free_port
 
     tmp = tempfile.mkdtemp(prefix="vft", dir="/tmp")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")  # no token file; every process of this cluster agrees
         env.setenv("RAY_TMPDIR", tmp)
         env.delenv("RAY_ADDRESS", raising=False)  # never join a cluster that happens to be around
+        port = free_port(DASHBOARD_PORT)
         ray.init(
             num_cpus=max(4, 2 * (os.cpu_count() or 1)),
             include_dashboard=True,
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
             log_to_driver=False,
             _temp_dir=tmp,
         )

@@ -129,3 +129,46 @@ def test_gpu_actors_on_a_cluster_whose_gpu_nodes_come_on_demand(
     else:
         with pytest.raises(UserError, match=re.escape(expected)):
             generate_mod._worker_plan(cfg)
+
+
+PINNED_API_PROBE = """
+import json, socket, ray
+from vaeforge.cluster import init_ray
+
+@ray.remote(num_cpus=0)
+def api_server():  # how any Ray worker (Train's PlacementGroupCleaner among them) finds the state API
+    from ray.dashboard.utils import get_address_for_submission_client
+    return get_address_for_submission_client(None)
+
+out = {}
+for dashboard in (False, True):
+    info = init_ray(None, 1.0, dashboard=dashboard)
+    url = ray.get(api_server.remote())
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        served = s.connect_ex(("127.0.0.1", port)) == 0
+    out[str(dashboard)] = {"url": url, "served": served, "dashboard": info["dashboard"]}
+    ray.shutdown()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_local_ray_finds_only_its_own_state_api_beside_another_ray(ray_session: None) -> None:
+    """The session's Ray (with its dashboard) is the other Ray on this machine. A worker of a Ray that
+    init_ray starts must still find its own API server, or an unserved one without a dashboard: never
+    the other Ray's, whose "no such controller" makes Ray Train remove a live run's placement group."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", PINNED_API_PROBE], capture_output=True, text=True, timeout=220, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["False"]["url"].startswith("http://127.0.0.1:") and not out["False"]["served"]
+    assert out["True"]["served"] and out["True"]["dashboard"] == out["True"]["url"]

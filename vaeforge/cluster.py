@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,21 @@ def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True
             context = ray.init(address=address, **quiet)
         else:
             cpus = max(os.cpu_count() or 1, int(np.ceil(num_cpus_needed)))
-            context = ray.init(num_cpus=cpus, include_dashboard=dashboard, **quiet)
+            port = free_port(DASHBOARD_PORT)
+            # Ray Train's PlacementGroupCleaner asks the state API whether the train controller is alive,
+            # and a Ray worker finds that API by guessing among the machine's Rays. With two local Rays
+            # (a test session beside a run, two users' jobs) it can ask the other one's dashboard, which
+            # knows no such controller, so the cleaner removes the live run's placement group and the
+            # worker dies mid-epoch. Pinning every process of ours to our own API server (or, with no
+            # dashboard, to a port nobody serves: the cleaner then just keeps waiting) rules that out.
+            env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port if dashboard else free_port()}"}
+            context = ray.init(
+                num_cpus=cpus,
+                include_dashboard=dashboard,
+                dashboard_port=port,
+                runtime_env={"env_vars": env},
+                **quiet,
+            )
     url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
     url = f"http://{url}" if url and not url.startswith("http") else url
     return {
@@ -35,6 +50,21 @@ def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True
         "node_id": ray.get_runtime_context().get_node_id(),
         "dashboard": url,
     }
+
+
+DASHBOARD_PORT = 8265  # Ray's default; the next free one when it is taken, as Ray itself does
+
+
+def free_port(first: int = 0) -> int:
+    """`first` or the next port up that is free on this machine; any free port when `first` is 0."""
+    for port in range(first, first + 100) if first else [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError(f"no free port in {first}..{first + 99}")
 
 
 def _running_dashboard() -> str | None:
