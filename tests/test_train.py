@@ -13,6 +13,8 @@ from PIL import Image
 
 from vaeforge.checkpoint import list_checkpoints, load_trainer_state, load_vae
 from vaeforge.cli import main
+from vaeforge.config import LR_FLOOR, TrainConfig, learning_rate
+from vaeforge.errors import UserError
 from vaeforge.sampling import load_gmm
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -70,6 +72,7 @@ def test_one_worker_two_epochs_writes_a_complete_run(two_epoch_run: Path) -> Non
     for r in rows:
         for key in ("train_loss", "val_loss", "val_mse", "val_psnr"):
             assert math.isfinite(r[key]), key
+        assert r["lr"] == 1e-3  # the default schedule is constant
         assert 0 < r["val_mse"] < 1 and r["val_psnr"] > 0
 
     samples = sorted(p.name for p in (run / "samples").glob("*.png"))
@@ -227,3 +230,15 @@ def test_conditional_needs_labels(
               "--output", str(tmp_path / "run")])  # fmt: skip
     assert exc.value.code == 2
     assert "--conditional needs labeled data" in capsys.readouterr().err
+
+
+def test_cosine_schedule_runs_from_lr_to_the_floor_and_constant_stays() -> None:
+    total = 1000
+    rates = [learning_rate(1e-3, "cosine", s, total) for s in range(total)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * LR_FLOOR)
+    assert rates[total // 2] == pytest.approx(1e-3 * (1 + LR_FLOOR) / 2, rel=1e-2)  # halfway: the mean
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    assert learning_rate(1e-3, "cosine", 5 * total, total) == rates[-1]  # past the end: held at the floor
+    assert {learning_rate(1e-3, "constant", s, total) for s in (0, 500, 999)} == {1e-3}
+    with pytest.raises(UserError, match="--lr-schedule must be one of constant, cosine"):
+        TrainConfig(output="runs/x", lr_schedule="linear")

@@ -21,6 +21,8 @@ from typer.exceptions import TyperException
 
 from vaeforge.config import (
     IMAGE_FORMATS,
+    LR_FLOOR,
+    LR_SCHEDULES,
     OUTPUT_FORMATS,
     PRECISIONS,
     RECON_LOSSES,
@@ -59,6 +61,10 @@ def train(
     epochs: int = typer.Option(10, help="Epochs to train in total (a resumed run continues up to this)."),
     batch_size: int = typer.Option(64, help="Global batch size, split evenly across workers."),
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    lr_schedule: str = typer.Option(
+        "constant",
+        help=f"{'|'.join(LR_SCHEDULES)}; cosine decays --lr to {LR_FLOOR:.0%} of it over --epochs (resume-safe).",
+    ),
     beta: float = typer.Option(1.0, help="Weight of the KL term (1.0 is the true ELBO)."),
     recon_loss: str = typer.Option("mse", help=f"Reconstruction term: {', '.join(RECON_LOSSES)}."),
     conditional: bool = typer.Option(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,16 @@ from vaeforge.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 RECON_LOSSES = ("mse", "bce")
+LR_SCHEDULES = ("constant", "cosine")
+LR_FLOOR = 0.02  # cosine ends at 2% of --lr, not 0: the last steps still move the weights
+
+
+def learning_rate(lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate for global step `step` (0-based) of a `total_steps`-step run."""
+    if schedule == "constant" or total_steps <= 1:
+        return lr
+    t = min(step, total_steps - 1) / (total_steps - 1)
+    return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # global: split evenly across workers
     lr: float = 1e-3  # Adam default that trains this VAE stably with BatchNorm everywhere
+    # constant, or cosine: decay from lr to lr * LR_FLOOR over the whole run (--epochs), a pure function of
+    # the step, so a resumed run continues on the same curve. Extending --epochs on resume re-stretches it.
+    lr_schedule: str = "constant"
     beta: float = 1.0  # weight of the KL term; 1.0 is the true ELBO
     recon_loss: str = "mse"
     # Condition encoder and decoder on the data's class labels (model.num_classes is set from the data).
@@ -112,6 +126,7 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= self.workers, f"--batch-size {self.batch_size} is below --workers"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.beta >= 0, f"--beta must be >= 0, got {self.beta}"),
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from vaeforge import storage
 from vaeforge.checkpoint import MODEL_FILE, load_trainer_state, save_checkpoint
-from vaeforge.config import TrainConfig
+from vaeforge.config import TrainConfig, learning_rate
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
 from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_model_input, to_uint8_hwc
@@ -237,6 +237,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with autocast(ctx["precision"], device):
                 out = ddp(x, generator=g, y=_labels(labels, idx, cfg, device))
             terms = elbo_loss(x, out, cfg.beta, cfg.recon_loss)
+            lr = learning_rate(cfg.lr, cfg.lr_schedule, state.global_step, cfg.epochs * steps_per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             terms.loss.backward()
             opt.step()
@@ -264,6 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": state.epoch, "global_step": state.global_step}
         means = (sums / max(n_steps, 1)).tolist()
         row.update(train_loss=means[0], train_recon=means[1], train_kl=means[2])
+        row["lr"] = opt.param_groups[0]["lr"]
         row["train_images_per_s"] = n_steps * cfg.batch_size / train_seconds if n_steps else 0.0
         row.update(_validate(model, images, labels, val_idx, cfg, ctx))
         row["epoch_seconds"] = time.perf_counter() - t0
