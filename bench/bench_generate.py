@@ -9,7 +9,9 @@ Prints, for the seed64 decoder at one precision, batch size and thread layout:
   with model.inference_decoder (BatchNorm folded, LeakyReLU fused), as generate's workers do. The ratio
   runs use --no-dashboard; a third run shows webdataset/png with Ray's dashboard on, for its cost.
   Under each end-to-end run a breakdown from its stats.json says what the ratio is made of: how busy
-  the actors were, the share of their shard time in each phase, and their decode rate against raw.
+  the actors were, the share of their shard time in each phase, and their decode rate against raw;
+  then how the machine's CPU was shared while the actors ran (from /proc): the actors, generate's driver,
+  the Ray processes it started, everything that was running before it, and idle.
   --repeats N runs the three end-to-end runs N times (each followed by a raw run): median ratios.
 The thread layout is generate's default on a CPU: one 1-thread actor per core. "Raw" runs the bare
 decoder in that same layout (one 1-thread process per core, concurrently) and sums their rates.
@@ -30,6 +32,7 @@ import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,13 +166,67 @@ def end_to_end(
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    before = set(cpu_seconds())
+    # One stream: progress goes to stderr, the summary to stdout
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, marks, actor_pids = [], {}, set()
+
+    def watch() -> None:  # an actor's title names its class only while it works, so look often
+        while proc.poll() is None:
+            actor_pids.update(pid for pid, (_, cmd) in cpu_seconds().items() if "ShardWorker" in cmd)
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for line in proc.stdout:  # marks: the machine's CPU when the actors start and when the run is done
+        lines.append(line)
+        if line.startswith(("workers:", "done:")):
+            marks[line.split(":")[0]] = (cpu_seconds(), time.perf_counter())
+    proc.wait()
+    watcher.join()
     wall = time.perf_counter() - t0
     if proc.returncode:
-        raise SystemExit(f"generate failed:\n{proc.stderr[-3000:]}")
-    speed = [ln for ln in proc.stdout.splitlines() if "images/s" in ln][0]
+        raise SystemExit(f"generate failed:\n{''.join(lines)[-3000:]}")
+    speed = [ln for ln in lines if ln.split()[:1] == ["speed"]][0]
     stats = json.loads((out / ".vaeforge" / "stats.json").read_text())  # written by every generate run
-    return {"ips": float(speed.split()[1].replace(",", "")), "wall": wall, **stats}
+    cpu = machine_cpu(marks["workers"], marks["done"], before, proc.pid, actor_pids)
+    return {"ips": float(speed.split()[1].replace(",", "")), "wall": wall, "machine_cpu": cpu, **stats}
+
+
+def cpu_seconds() -> dict[int, tuple[float, str]]:
+    """(user + system CPU seconds, command line) of every process on the machine, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, cmd)
+    return out
+
+
+def machine_cpu(
+    start: tuple, end: tuple, before: set[int], driver: int, actors: set[int]
+) -> dict[str, float]:
+    """Shares of the machine's CPU between the two marks: generate's actors, its driver, the Ray processes
+    it started, processes that were running before it (anything else on the machine), and idle."""
+    (first, t0), (last, t1) = start, end
+    budget = (t1 - t0) * (os.cpu_count() or 1)
+    shares = dict.fromkeys(("actors", "driver", "ray", "others"), 0.0)
+    for pid, (cpu, _) in last.items():
+        used = cpu - first.get(pid, (0.0, ""))[0]
+        group = (
+            "others" if pid in before
+            else "driver" if pid == driver
+            else "actors" if pid in actors
+            else "ray"
+        )  # fmt: skip
+        shares[group] += used / budget
+    shares["idle"] = max(0.0, 1 - sum(shares.values()))
+    return shares
 
 
 def breakdown(r: dict) -> str:
@@ -182,10 +239,11 @@ def breakdown(r: dict) -> str:
         f"{k} {sec[k] / sec['total']:.1%}" for k in ("decode", "latents", "encode", "write", "commit")
     )
     in_actors = n * r["actors"] / sec["decode"]  # the actors' summed decode rate (they share the work)
+    machine = ", ".join(f"{k} {v:.1%}" for k, v in r["machine_cpu"].items())
     return (
         f"busy {r['busy_fraction']:.3f} (start lag {r['start_lag_s']:.1f}s, tail {r['tail_s']:.1f}s "
         f"of {r['seconds']:.1f}s); shard time: {phases}; "
-        f"decode in actors {in_actors:.1f} img/s"
+        f"decode in actors {in_actors:.1f} img/s\n  machine CPU while the actors ran: {machine}"
     )
 
 

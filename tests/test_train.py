@@ -237,7 +237,7 @@ def test_cosine_schedule_runs_from_lr_to_the_floor_and_constant_stays() -> None:
     rates = [learning_rate(1e-3, "cosine", s, total) for s in range(total)]
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * LR_FLOOR)
     assert rates[total // 2] == pytest.approx(1e-3 * (1 + LR_FLOOR) / 2, rel=1e-2)  # halfway: the mean
-    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # never rises
     assert learning_rate(1e-3, "cosine", 5 * total, total) == rates[-1]  # past the end: held at the floor
     assert {learning_rate(1e-3, "constant", s, total) for s in (0, 500, 999)} == {1e-3}
     with pytest.raises(UserError, match="--lr-schedule must be one of constant, cosine"):

@@ -63,7 +63,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     lr_schedule: str = typer.Option(
         "constant",
-        help=f"{'|'.join(LR_SCHEDULES)}; cosine decays --lr to {LR_FLOOR:.0%} of it over --epochs (resume-safe).",
+        help=f"{'|'.join(LR_SCHEDULES)}; cosine decays --lr to {LR_FLOOR:.0%} of it over --epochs "
+        "(resume-safe).",
     ),
     beta: float = typer.Option(1.0, help="Weight of the KL term (1.0 is the true ELBO)."),
     recon_loss: str = typer.Option("mse", help=f"Reconstruction term: {', '.join(RECON_LOSSES)}."),

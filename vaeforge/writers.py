@@ -13,9 +13,9 @@ import secrets
 import tarfile
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from collections.abc import Sequence
 from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
