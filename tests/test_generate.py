@@ -710,3 +710,22 @@ def test_a_moved_run_resumes_from_its_own_files(ckpt: Path, wds_run: Path, tmp_p
     assert shards(out) == shards(wds_run)
     assert_matches_manifest(out, [200, 200, 150])
     assert all(Path(r["path"]).parent == out for r in ledger(out))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_record_left_as_a_temp_is_not_trusted(ckpt: Path, wds_run: Path, tmp_path: Path) -> None:
+    """A driver killed between writing a done record and renaming it into place leaves NNNNNN.json.tmp-PID
+    (seen in CI under load). The re-run must redo that shard and record it under its own name, not take
+    the temp for the record and leave the ledger one short."""
+    out = tmp_path / "out"
+    shutil.copytree(wds_run, out)
+    done = out / ".vaeforge" / "done"
+    (done / "000001.json").rename(done / "000001.json.tmp-4242")
+    for name in ("_manifest.json", "_SUCCESS"):
+        (out / name).unlink()  # the killed run never got that far
+    generate(ckpt, out, 550, 200)
+    assert sorted(p.name for p in done.iterdir()) == ["000000.json", "000001.json", "000002.json"]
+    assert sorted(r["index"] for r in ledger(out)) == [0, 1, 2]
+    assert shards(out) == shards(wds_run)
+    assert_matches_manifest(out, [200, 200, 150])

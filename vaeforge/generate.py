@@ -41,6 +41,7 @@ from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
 DONE_DIR = "done"
+DONE_NAME = re.compile(r"\d{6}\.json")  # done/NNNNNN.json, one per committed shard
 _ANY_SHARD = re.compile(r"-\d{6}\.")  # shards of any --prefix
 # Leading underscores: pyarrow, pandas and Ray Data skip such files when they read the directory.
 MANIFEST, SUCCESS = "_manifest.json", "_SUCCESS"
@@ -204,6 +205,11 @@ def _read_done(out: str) -> dict[int, dict[str, Any]]:
     sizes = {e.name: e.size for e in storage.iter_files(out, recursive=False)}
     done: dict[int, dict[str, Any]] = {}
     for entry in storage.list_files(storage.join(out, STATE_DIR, DONE_DIR)):
+        if not DONE_NAME.fullmatch(entry.name):
+            # A record a killed driver wrote but never renamed into place (storage.write_bytes' temp).
+            # Its shard is redone and recorded under its own name; the temp itself goes.
+            storage.delete(entry.location)
+            continue
         rec = _read_json(entry.location)
         if rec is not None and sizes.get(rec.get("path")) == rec.get("bytes"):
             done[rec["index"]] = rec
