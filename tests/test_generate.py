@@ -232,7 +232,9 @@ def test_summary_line_says_where_the_time_went(
     generate(ckpt, tmp_path / "out", 40, 20)
     lines = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
     actors = [ln for ln in lines if ln.startswith("actors")]
-    assert len(actors) == 1 and "busy; of that time: decode" in actors[0], lines
+    # phases come largest first; on 40 tiny images a slow fsync can make commit the largest (seen in CI)
+    assert len(actors) == 1 and "busy; of that time: " in actors[0], lines
+    assert {"decode", "commit", "write"} <= set(actors[0].replace(",", " ").split()), lines
     spent = {"decode": 3.0, "encode": 0.5, "write": 0.25, "latents": 0.25, "total": 4.0}
     result = GenerateResult("out", 1, 10, 100, 2.0, 0, {"actor_seconds": spent, "busy_fraction": 0.9})
     assert result.time_summary() == (
