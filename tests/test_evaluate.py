@@ -72,10 +72,11 @@ def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path:
         assert s["memorization"]["n_generated"] == 60
     assert m["likelihood"]["neg_elbo_nats"] > 0 and m["likelihood"]["conditional_on_label"]
     tstr = m["usefulness"]["tstr"]
-    assert 0 <= tstr["tstr_accuracy"] <= 1
+    assert 0 <= tstr["tstr_accuracy"] <= 1 and 0 <= tstr["recon_accuracy"] <= 1
     assert tstr["n_synth"] == tstr["n_real_train"] == m["train_n"] == 200  # two training sets of one size
     assert "gain" in m["usefulness"]["augmentation"]
     page = (out / "report.html").read_text()
+    assert "recon_accuracy" in page
     for section in ("metrics", "samples", "samples-per-class", "reconstructions", "interpolations",
                     "latent-traversals", "nearest-neighbours"):  # fmt: skip
         assert f"id='{section}'" in page, section

@@ -260,6 +260,24 @@ def test_tstr_beats_chance_and_wrong_labels_do_not(small_shapes: dict[str, np.nd
     assert accuracy(model, s["test"], s["test_y"]) < r.chance + 0.1
 
 
+def test_reconstruction_accuracy_splits_the_gap_between_decoder_and_sampler(
+    small_shapes: dict[str, np.ndarray],
+) -> None:
+    """Perfect reconstructions teach exactly what the real images do (same classifier, init and batch
+    order); reconstructions that lost everything (a decoder that outputs the mean image) teach nothing."""
+    s = small_shapes
+    args = (s["synth"], s["synth_y"], s["train"], s["train_y"], s["test"], s["test_y"])
+    perfect = tstr(*args, config=FAST, reconstructions=s["train"].copy())
+    assert perfect.recon_accuracy == perfect.real_accuracy
+    blurred = np.broadcast_to(s["train"].mean(axis=0).astype(np.uint8), s["train"].shape).copy()
+    lost = tstr(*args, config=FAST, reconstructions=blurred)
+    assert lost.recon_accuracy is not None and lost.recon_accuracy < lost.chance + 0.1
+    assert (lost.real_accuracy, lost.tstr_accuracy) == (perfect.real_accuracy, perfect.tstr_accuracy)
+    assert tstr(*args, config=FAST).recon_accuracy is None
+    with pytest.raises(ValueError, match="one per real training image"):
+        tstr(*args, config=FAST, reconstructions=s["train"][:10])
+
+
 def test_augmentation_gain_of_good_synthetic_data_is_positive(small_shapes: dict[str, np.ndarray]) -> None:
     s = small_shapes
     r = augmentation_gain(

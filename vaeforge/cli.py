@@ -403,6 +403,11 @@ def evaluate(
             f"  TSTR {t['tstr_accuracy']:.3f} vs real->real {t['real_accuracy']:.3f} "
             f"({use['sampler']} samples)"
         )
+        real, synth, recon = t["real_accuracy"], t["tstr_accuracy"], t["recon_accuracy"]
+        out.print(
+            f"  trained on reconstructions {recon:.3f}: of the {real - synth:.3f} gap, the decoder "
+            f"accounts for {real - recon:.3f} and the sampler for {recon - synth:.3f}"
+        )
         out.print(
             f"  augmentation {a['subset_accuracy']:.3f} -> {a['augmented_accuracy']:.3f} ({a['gain']:+.3f})"
         )

@@ -20,7 +20,7 @@ from vaeforge import __version__
 from vaeforge.checkpoint import load_vae
 from vaeforge.config import EvaluateConfig
 from vaeforge.errors import UserError
-from vaeforge.inference import decode_latents
+from vaeforge.inference import decode_latents, reconstruct
 from vaeforge.metrics.classifier import ClassifierConfig, augmentation_gain, tstr
 from vaeforge.metrics.distribution import distribution_metrics, fid
 from vaeforge.metrics.features import FEATURE_SPACE, extract_features
@@ -133,6 +133,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         hold,
         hold_labels,
         lambda: _matched(model, use_with, ckpt_dir, samples[use_with], len(train), cfg.seed, say),
+        lambda: reconstruct(model, train, labels=train_labels if conditional else None),
         say,
     )
     metrics["usefulness"]["sampler"] = use_with
@@ -200,10 +201,12 @@ def _usefulness(
     hold: np.ndarray,
     hold_labels: np.ndarray,
     draw: Callable[[], tuple[np.ndarray, np.ndarray]],
+    round_trip: Callable[[], np.ndarray],
     say: Progress,
 ) -> dict[str, Any]:
-    """TSTR and augmentation gain, or why they could not be measured; `draw` gives the labeled samples,
-    called only once the data is known to be labeled (it may decode thousands more)."""
+    """TSTR and augmentation gain, or why they could not be measured; `draw` gives the labeled samples
+    and `round_trip` the reconstructions of `train`, both called only once the data is known to be
+    labeled (they may decode thousands of images)."""
     if not cfg.usefulness:
         return {"skipped": "--no-usefulness"}
     if not data.labeled:
@@ -215,8 +218,10 @@ def _usefulness(
             "per class (`vaeforge fit-sampler --per-class`)"
         }
     clf = ClassifierConfig(steps=cfg.classifier_steps, seed=cfg.seed)
-    say("usefulness: train-on-synthetic/test-on-real")
-    t = tstr(images, labels, train, train_labels, hold, hold_labels, config=clf)
+    say("usefulness: reconstructing the real training images")
+    recon = round_trip()
+    say("usefulness: train-on-synthetic/test-on-real, on real and on reconstructions")
+    t = tstr(images, labels, train, train_labels, hold, hold_labels, config=clf, reconstructions=recon)
     say("usefulness: augmenting 10% of the real labels")
     a = augmentation_gain(images, labels, train, train_labels, hold, hold_labels, config=clf)
     return {"tstr": t.to_dict(), "augmentation": a.to_dict()}

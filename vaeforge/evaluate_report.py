@@ -33,6 +33,8 @@ DEFINITIONS = {
     "near_duplicates": "samples closer to a training image than half the baseline's 5th percentile",
     "tstr_accuracy": "classifier trained on samples only, tested on real held-out images",
     "real_accuracy": "the same classifier and budget trained on the real training split",
+    "recon_accuracy": "trained on the model's reconstructions of that split: real minus this is the "
+    "decoder's share of the TSTR gap, this minus TSTR the sampler's",
     "subset_accuracy": "classifier trained on 10% of the real labels",
     "augmented_accuracy": "the same 10% plus every sample",
     "gain": "augmented minus subset accuracy; positive means the samples help",
@@ -56,7 +58,7 @@ def metric_rows(metrics: dict[str, Any]) -> list[Metric]:
     if "skipped" in use:
         rows.append(Metric("usefulness", "not measured", use["skipped"]))
     else:
-        rows += _rows("", use["tstr"], ("tstr_accuracy", "real_accuracy"))
+        rows += _rows("", use["tstr"], ("tstr_accuracy", "real_accuracy", "recon_accuracy"))
         rows += _rows("augmentation ", use["augmentation"], ("subset_accuracy", "augmented_accuracy", "gain"))
     return rows
 

@@ -164,6 +164,10 @@ class TSTRResult:
     chance: float  # share of the most frequent class in the test set
     steps: int
     seed: int
+    # trained on the model's reconstructions of the real training images: what samples could teach if
+    # the sampler found every real image's latent, so real - recon is the decoder's share of the gap
+    # and recon - tstr the sampler's. None when no reconstructions were given.
+    recon_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,15 +211,31 @@ def tstr(
     *,
     config: ClassifierConfig = ClassifierConfig(),
     device: str | torch.device = "cpu",
+    reconstructions: np.ndarray | None = None,
 ) -> TSTRResult:
-    """Train-on-synthetic/test-on-real accuracy beside real/real accuracy, same classifier and budget."""
+    """Train-on-synthetic/test-on-real accuracy beside real/real accuracy, same classifier and budget.
+
+    reconstructions: the real training images after a round trip through the model, in the same order
+    (so with the same labels); a third classifier trains on them (recon_accuracy).
+    """
     synth_labels, real_train_labels, real_test_labels, k = _check_sets(
         synth, synth_labels, real_train, real_train_labels, real_test, real_test_labels
     )
-    on_synth = train_classifier(synth, synth_labels, num_classes=k, config=config, device=device)
-    on_real = train_classifier(real_train, real_train_labels, num_classes=k, config=config, device=device)
-    acc_synth = accuracy(on_synth, real_test, real_test_labels)
-    acc_real = accuracy(on_real, real_test, real_test_labels)
+    if reconstructions is not None:
+        check_images(reconstructions)
+        if reconstructions.shape != real_train.shape:
+            raise ValueError(
+                f"reconstructions: need one per real training image, shape {real_train.shape}, "
+                f"got {reconstructions.shape}"
+            )
+
+    def trained_on(images: np.ndarray, labels: np.ndarray) -> float:
+        model = train_classifier(images, labels, num_classes=k, config=config, device=device)
+        return accuracy(model, real_test, real_test_labels)
+
+    acc_synth = trained_on(synth, synth_labels)
+    acc_real = trained_on(real_train, real_train_labels)
+    acc_recon = None if reconstructions is None else trained_on(reconstructions, real_train_labels)
     return TSTRResult(
         tstr_accuracy=acc_synth,
         real_accuracy=acc_real,
@@ -227,6 +247,7 @@ def tstr(
         chance=_chance(real_test_labels),
         steps=config.steps,
         seed=config.seed,
+        recon_accuracy=acc_recon,
     )
 
 
