@@ -172,7 +172,10 @@ class ConvTransposeLeakyReLU(nn.Module):
         self.act = nn.LeakyReLU(act.negative_slope, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and _ONEDNN_FUSION:
+        # oneDNN has no bf16 kernel for it without AVX512 (BW/VL/DQ) or AVX-NE-CONVERT: on a plain AVX2
+        # CPU it raises, so there a bf16 decode (--precision bf16) takes the two-module path
+        low_precision = x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+        if x.device.type == "cpu" and _ONEDNN_FUSION and (_ONEDNN_BF16 or not low_precision):
             c = self.conv
             # oneDNN keeps its input's layout; channels_last (NHWC) is the fast one, and a no-op after
             # the first block
@@ -187,6 +190,7 @@ class ConvTransposeLeakyReLU(nn.Module):
 _ONEDNN_FUSION = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_transpose_pointwise"
 )
+_ONEDNN_BF16 = _ONEDNN_FUSION and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def inference_decoder(decoder: Decoder) -> Decoder:
