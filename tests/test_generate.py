@@ -386,7 +386,8 @@ def cli_argv(ckpt: Path, out: Path, count: int, shard_size: int, *extra: str) ->
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+# two Ray start-ups and 4,000 decodes: 269 s on a 2-core AVX2 EPYC beside a training run
+@pytest.mark.timeout(900)
 def test_resume_after_sigkill_is_byte_identical(
     ckpt: Path, run_2000: Path, tmp_path: Path, own_ray_env: dict
 ) -> None:
@@ -398,7 +399,7 @@ def test_resume_after_sigkill_is_byte_identical(
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(argv, env=own_ray_env, start_new_session=True, stdout=log, stderr=log)
     done_dir = out / ".vaeforge" / "done"
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 3:
@@ -428,7 +429,7 @@ def test_resume_after_sigkill_is_byte_identical(
         start_new_session=True,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
     )
     assert again.returncode == 0, again.stderr
     assert "already complete (resuming)" in again.stderr
