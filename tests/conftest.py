@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from own_ray import kill_ray
 
 S3_BUCKET = "vaeforge-test"
 # Runs in its own process: an Arrow S3 call that blocks holding the GIL (a stream's destructor does)
@@ -139,3 +140,20 @@ def inject_failure(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         monkeypatch.setattr(generate_mod, "_worker_plan", plan)
 
     return inject
+
+
+@pytest.fixture
+def own_ray_env() -> Iterator[dict[str, str]]:
+    """Environment for a `python -m vaeforge` subprocess that starts a Ray of its own, apart from the shared
+    one; on teardown, kills whatever is left of that Ray by pid (never `ray stop`, which stops every Ray)."""
+    ray_tmp = tempfile.mkdtemp(prefix="vfg", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    from vaeforge.generate_worker import FAILURE_ENV
+
+    for name in ("RAY_ADDRESS", FAILURE_ENV):
+        env.pop(name, None)
+    try:
+        yield env
+    finally:
+        kill_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

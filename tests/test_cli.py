@@ -76,6 +76,26 @@ def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "No such command" in user_error(["trian"], capsys)
 
 
+def test_ctrl_c_is_one_line_and_exit_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # typer hands a KeyboardInterrupt back as the return value 130 when not standalone; it must still
+    # end in the one line that says what was kept, not in a bare exit.
+    def interrupted(cfg: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vaeforge.cli._run_train", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(train_args(tmp_path))
+    assert exc.value.code == 130
+    captured = capsys.readouterr()
+    lines = [line for line in ANSI.sub("", captured.err).splitlines() if line.strip()]
+    assert lines[-1] == (
+        "error: interrupted; finished checkpoints and shards are kept, re-run with --resume to continue"
+    )
+    assert "Traceback" not in captured.err + captured.out
+
+
 def test_output_holding_another_run_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     run.mkdir()

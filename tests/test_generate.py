@@ -8,7 +8,6 @@ processes, by pid. The full-disk end-to-end test mounts a 2 MiB tmpfs (root only
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -19,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from own_ray import kill_ray, ray_processes
 from PIL import Image
 
 import vaeforge.generate as generate_mod
@@ -38,7 +37,7 @@ from vaeforge.config import GenerateConfig, get_preset, parse_count
 from vaeforge.encode import encode_image
 from vaeforge.errors import UserError
 from vaeforge.generate import GenerateResult
-from vaeforge.generate_worker import FAILURE_ENV, ShardTask, ShardWorker
+from vaeforge.generate_worker import ShardTask, ShardWorker
 from vaeforge.model import VAE
 from vaeforge.sampling import prior_latents
 
@@ -340,47 +339,6 @@ def test_small_batches_decode_the_bytes_a_full_batch_does(ckpt: Path) -> None:
 # ----------------------------------------------------------------------------- 4: resume after SIGKILL
 
 
-def _ray_processes(ray_tmp: str) -> list[int]:
-    """Live pids of the Ray started with RAY_TMPDIR=ray_tmp: all its processes inherit that environment."""
-    marker = f"RAY_TMPDIR={ray_tmp}".encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(int(pid))
-        except (OSError, IndexError):  # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-def _kill_ray(ray_tmp: str) -> list[int]:
-    """SIGKILL what is left of that Ray, by pid, and wait until it is gone; returns the pids it found."""
-    stray = _ray_processes(ray_tmp)
-    for pid in stray:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while _ray_processes(ray_tmp) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return stray
-
-
-@pytest.fixture
-def own_ray_env() -> Iterator[dict[str, str]]:
-    """Environment for a `python -m vaeforge` subprocess that starts a Ray of its own, apart from the shared
-    one; on teardown, kills whatever is left of that Ray by pid (never `ray stop`, which stops every Ray)."""
-    ray_tmp = tempfile.mkdtemp(prefix="vfg", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
-    for name in ("RAY_ADDRESS", FAILURE_ENV):
-        env.pop(name, None)
-    try:
-        yield env
-    finally:
-        _kill_ray(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 def cli_argv(ckpt: Path, out: Path, count: int, shard_size: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vaeforge", *gen_argv(ckpt, out, count, shard_size, *extra)]
 
@@ -414,8 +372,8 @@ def test_resume_after_sigkill_is_byte_identical(
         log.close()
     # Ray runs its workers in process groups of their own, so killpg leaves the two actors alive, still
     # writing; they are this test's to end (by pid).
-    _kill_ray(own_ray_env["RAY_TMPDIR"])
-    assert _ray_processes(own_ray_env["RAY_TMPDIR"]) == []
+    kill_ray(own_ray_env["RAY_TMPDIR"])
+    assert ray_processes(own_ray_env["RAY_TMPDIR"]) == []
 
     assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists()
     done_at_kill = {r["index"]: r for r in ledger(out)}

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +150,49 @@ def test_resume_continues_and_matches_a_straight_run(
     straight = load_vae(two_epoch_run, which="latest").model.state_dict()
     for k, v in straight.items():
         assert torch.allclose(resumed[k].float(), v.float(), rtol=1e-5, atol=1e-6), k
+
+
+# a Ray start-up of its own, then 512-image epochs until the first checkpoint: ~60 s on 2 idle cores
+@pytest.mark.timeout(600)
+def test_ctrl_c_mid_run_says_one_line_and_resume_loses_nothing(
+    tmp_path: Path, cache_dir: Path, own_ray_env: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    small = ["--preset", "tiny", "--max-samples", "512", "--batch-size", "32", "--builtin-count", "512"]
+    argv = [sys.executable, "-m", "vaeforge", "train", *small, "--epochs", "200", "--no-dashboard"]
+    argv += ["--cache-dir", str(cache_dir), "--output", str(run)]
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, env=own_ray_env, start_new_session=True, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and proc.poll() is None:
+                if (run / "checkpoints").is_dir() and list_checkpoints(run):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, f"ended before it could be interrupted: {log_path.read_text()}"
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    said = log_path.read_text()
+    assert rc == 130, said
+    lines = [line for line in said.splitlines() if line.strip()]
+    assert lines[-1] == (
+        "error: interrupted; finished checkpoints and shards are kept, re-run with --resume to continue"
+    ), said
+    # Ray's "Unhandled error ... ray.util.queue.Empty" from an interrupted blocking queue.get came here
+    assert "Traceback" not in said and "Unhandled error" not in said, said
+
+    done = [r["epoch"] for r in metrics(run)]
+    assert done == list(range(1, len(done) + 1))
+    assert list_checkpoints(run), "the finished epochs' checkpoint is kept"  # (the run dir holds one)
+    capsys.readouterr()
+    train(run, cache_dir, "--epochs", str(done[-1] + 1), "--resume")
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(1, done[-1] + 2))  # nothing lost, nothing twice
 
 
 @pytest.mark.timeout(300)

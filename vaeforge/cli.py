@@ -574,6 +574,9 @@ def model_summary(preset: str = typer.Option("seed64", help="Model preset to des
         out.print(f"Non-trainable params: {s.non_trainable:,}\n")
 
 
+INTERRUPTED = "interrupted; finished checkpoints and shards are kept, re-run with --resume to continue"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
@@ -587,15 +590,15 @@ def main(argv: list[str] | None = None) -> None:
             f"disk full writing {e.filename or 'output'}; free space and re-run the same command to resume", 2
         )
     except KeyboardInterrupt:
-        _fail("interrupted; finished checkpoints and shards are kept, re-run with --resume to continue", 130)
+        _fail(INTERRUPTED, 130)
     except TyperException as e:  # click's usage errors (unknown option, bad value) and Abort (Ctrl-C)
         if not hasattr(e, "format_message"):
-            _fail(
-                "interrupted; finished checkpoints and shards are kept, re-run with --resume to continue", 130
-            )
+            _fail(INTERRUPTED, 130)
         ctx = getattr(e, "ctx", None)
         hint = f" (see `vaeforge {ctx.command.name} --help`)" if ctx and ctx.parent else ""
         _fail(f"{e.format_message()}{hint}", getattr(e, "exit_code", 2))
+    if code == 130:  # typer turns a KeyboardInterrupt into this return value when not standalone
+        _fail(INTERRUPTED, 130)
     if isinstance(code, int) and code:
         sys.exit(code)
 

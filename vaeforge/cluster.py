@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,39 @@ def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker logs stay in Ray's log files (and `ray job logs`); progress reaches us through a queue.
     quiet = {"logging_level": "ERROR", "log_to_driver": os.environ.get("VAEFORGE_RAY_LOGS") == "1"}
+    context = None
+    with _sigint_deferred():
+        context = _start(ray, address, num_cpus_needed, dashboard, quiet)
+    url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
+    url = f"http://{url}" if url and not url.startswith("http") else url
+    return {
+        "address": address or "local",
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "dashboard": url,
+    }
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that lands while Ray starts until ray.init has returned, then raise it.
+
+    A KeyboardInterrupt inside ray.init unwinds through Ray's C++ core mid-connect, which aborts the
+    process ("terminate called without an active exception", exit -6) instead of exiting cleanly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _start(ray: Any, address: str | None, num_cpus_needed: float, dashboard: bool, quiet: dict) -> Any:
     context = None
     if not ray.is_initialized():
         if address:
@@ -43,13 +80,7 @@ def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True
                 runtime_env={"env_vars": env},
                 **quiet,
             )
-    url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
-    url = f"http://{url}" if url and not url.startswith("http") else url
-    return {
-        "address": address or "local",
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "dashboard": url,
-    }
+    return context
 
 
 DASHBOARD_PORT = 8265  # Ray's default; the next free one when it is taken, as Ray itself does

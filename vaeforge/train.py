@@ -237,7 +237,7 @@ def _run_config(cfg: TrainConfig) -> Any:
 def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> list[dict[str, Any]]:
     """Run the TorchTrainer in a thread while this thread relays the workers' progress events."""
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     from vaeforge.train_loop import train_loop_per_worker
 
@@ -261,14 +261,20 @@ def _fit(cfg: TrainConfig, loop_config: dict[str, Any], notify: Progress) -> lis
     thread = threading.Thread(target=fit, name="vaeforge-fit", daemon=True)
     thread.start()
     history: list[dict[str, Any]] = []
-    while thread.is_alive() or not queue.empty():
-        try:
-            event = queue.get(timeout=1.0)  # each poll is an actor call: keep them rare
-        except Empty:
-            continue
-        if event["kind"] == "epoch":
-            history.append(event)
-        notify(event)
+    while True:
+        alive = thread.is_alive()
+        # One actor call for all waiting events, and never a blocking get: a Ctrl-C that interrupts a
+        # blocking queue.get leaves its call to time out inside the actor, and Ray then logs that
+        # unretrieved Empty as an "Unhandled error" traceback over the one-line "interrupted" message.
+        ready = queue.qsize()
+        for event in queue.get_nowait_batch(ready) if ready else []:
+            if event["kind"] == "epoch":
+                history.append(event)
+            notify(event)
+        if not alive:
+            break  # the fit had ended before this drain, so nothing more can arrive
+        if not ready:
+            thread.join(timeout=0.5)
     thread.join()
     if "error" in box:
         raise box["error"]
