@@ -26,7 +26,6 @@ def init_ray(address: str | None, num_cpus_needed: float, dashboard: bool = True
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker logs stay in Ray's log files (and `ray job logs`); progress reaches us through a queue.
     quiet = {"logging_level": "ERROR", "log_to_driver": os.environ.get("VAEFORGE_RAY_LOGS") == "1"}
-    context = None
     with _sigint_deferred():
         context = _start(ray, address, num_cpus_needed, dashboard, quiet)
     url = getattr(context, "dashboard_url", None) if context is not None else _running_dashboard()
