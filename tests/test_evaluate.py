@@ -64,9 +64,9 @@ def test_gmm_sampler_and_explicit_classes(cond_run: Path, tmp_path: Path) -> Non
 def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     cli("evaluate", "--checkpoint", str(cond_run), "--samples", "60", "--max-train", "200",
-        "--classifier-steps", "20", "--output", str(out))  # fmt: skip
+        "--classifier-steps", "20", "--temperature", "0.9", "--output", str(out))  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["samplers"]) == {"prior", "gmm"}
+    assert set(m["samplers"]) == {"prior", "gmm"} and m["temperature"] == 0.9
     for s in m["samplers"].values():
         assert s["distribution"]["fid"] >= 0 and 0 <= s["distribution"]["coverage"] <= 1
         assert s["memorization"]["n_generated"] == 60
@@ -76,7 +76,7 @@ def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path:
     assert tstr["n_synth"] == tstr["n_real_train"] == m["train_n"] == 200  # two training sets of one size
     assert "gain" in m["usefulness"]["augmentation"]
     page = (out / "report.html").read_text()
-    assert "recon_accuracy" in page
+    assert "recon_accuracy" in page and "sampler temperature" in page
     for section in ("metrics", "samples", "samples-per-class", "reconstructions", "interpolations",
                     "latent-traversals", "nearest-neighbours"):  # fmt: skip
         assert f"id='{section}'" in page, section
@@ -119,3 +119,31 @@ def test_classes_need_a_conditional_model(tmp_path: Path, capsys: pytest.Capture
               "--output", str(tmp_path / "o")])  # fmt: skip
     assert exc.value.code == 2
     assert "--classes needs a conditional model" in capsys.readouterr().err
+
+
+def test_evaluate_temperature_scales_the_samples_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate measures the samples `generate --temperature` would make: a near-zero temperature
+    collapses every draw of either sampler onto (nearly) one image."""
+    import numpy as np
+    import torch
+    from test_generate import user_error
+
+    from vaeforge.checkpoint import save_checkpoint
+    from vaeforge.config import get_preset
+    from vaeforge.evaluate import draw_samples
+    from vaeforge.model import VAE
+
+    torch.manual_seed(0)
+    model = VAE(get_preset("tiny")).eval()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"epoch": 0, "metrics": {}})
+
+    def spread(t: float) -> float:
+        images, _ = draw_samples(model, "prior", ckpt, 64, seed=0, temperature=t)
+        return float(images.astype(np.float64).std(axis=0).mean())
+
+    cold, warm = spread(0.01), spread(1.0)
+    assert warm > 0 and cold < 0.1 * warm, (cold, warm)
+    line = user_error(["evaluate", "--checkpoint", str(ckpt), "--temperature", "0"], capsys)
+    assert "--temperature must be positive" in line

@@ -360,6 +360,10 @@ def evaluate(
         True, "--usefulness/--no-usefulness", help="TSTR and augmentation (labeled data, conditional model)."
     ),
     classifier_steps: int = typer.Option(600, help="Training steps of each usefulness classifier."),
+    temperature: float = typer.Option(
+        1.0,
+        help="Scales either sampler's spread, as `generate --temperature` does: measure what you generate.",
+    ),
     inception_weights: str = typer.Option(
         None,
         metavar="PATH",
@@ -381,6 +385,7 @@ def evaluate(
         max_train=max_train,
         usefulness=usefulness,
         classifier_steps=classifier_steps,
+        temperature=temperature,
         inception_weights=inception_weights,
     )
     result = run_evaluate(cfg, lambda msg: err.print(f"evaluate: {msg}", highlight=False))

@@ -279,6 +279,9 @@ class EvaluateConfig:
     seed: int = 0
     usefulness: bool = True  # TSTR and augmentation (labeled data, conditional model)
     classifier_steps: int = 600
+    # Scales both samplers' spread as `generate --temperature` does, so that the numbers describe the
+    # samples a user will generate.
+    temperature: float = 1.0
     # pytorch-fid's InceptionV3 weights file: adds standard FID. None: no Inception (nothing downloads it).
     inception_weights: str | None = None
 
@@ -289,6 +292,8 @@ class EvaluateConfig:
             raise UserError(f"--max-train must be at least 10, got {self.max_train}")
         if self.classifier_steps < 1:
             raise UserError("--classifier-steps must be at least 1")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
 
 
 @dataclass(frozen=True)

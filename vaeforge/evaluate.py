@@ -47,7 +47,7 @@ def _subset(n_have: int, n_want: int, seed: int, salt: int) -> np.ndarray:
 
 
 def draw_samples(
-    model: VAE, sampler: str, ckpt_dir: Path, n: int, seed: int
+    model: VAE, sampler: str, ckpt_dir: Path, n: int, seed: int, temperature: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """n samples and their labels, -1 where the samples have none.
 
@@ -60,9 +60,9 @@ def draw_samples(
     classes = list(range(k)) if k else (gmm.class_ids() if gmm is not None else [])
     labels = np.asarray(classes)[np.arange(n) % len(classes)] if classes else np.full(n, -1)
     if gmm is None:
-        z = prior_latents(seed, 0, 0, n, model.config.latent_dim, 1.0)
+        z = prior_latents(seed, 0, 0, n, model.config.latent_dim, temperature)
     else:
-        z = gmm.sample(seed, 0, 0, n, labels=labels if classes else None)
+        z = gmm.sample(seed, 0, 0, n, temperature=temperature, labels=labels if classes else None)
     return decode_latents(model, z, labels=labels if k else None), labels
 
 
@@ -97,6 +97,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         "holdout": {"source": data.holdout_source, "n": len(hold)},
         "train_n": len(train),
         "seed": cfg.seed,
+        "temperature": cfg.temperature,
     }
     if not conditional or (hold_labels >= 0).all():
         say("held-out likelihood")
@@ -111,7 +112,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     metrics["samplers"] = {}
     for name in samplers:
         say(f"{cfg.samples:,} samples from the {name} sampler")
-        images, labels = draw_samples(model, name, ckpt_dir, cfg.samples, cfg.seed)
+        images, labels = draw_samples(model, name, ckpt_dir, cfg.samples, cfg.seed, cfg.temperature)
         feats = extract_features(images)
         dist = distribution_metrics(real_f, feats, feature_space=FEATURE_SPACE, seed=cfg.seed)
         mem = memorization(feats, train_f, real_f, feature_space=FEATURE_SPACE)
@@ -132,7 +133,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         train_labels,
         hold,
         hold_labels,
-        lambda: _matched(model, use_with, ckpt_dir, samples[use_with], len(train), cfg.seed, say),
+        lambda: _matched(model, use_with, ckpt_dir, samples[use_with], len(train), cfg, say),
         lambda: reconstruct(model, train, labels=train_labels if conditional else None),
         say,
     )
@@ -155,7 +156,7 @@ def _matched(
     ckpt_dir: Path,
     sample: tuple[np.ndarray, np.ndarray],
     n_real: int,
-    seed: int,
+    cfg: EvaluateConfig,
     say: Progress,
 ) -> tuple[np.ndarray, np.ndarray]:
     """As many samples as real training images, so that TSTR compares two training sets of one size
@@ -165,7 +166,7 @@ def _matched(
     if len(images) >= n_real or (labels < 0).any():
         return images[:n_real], labels[:n_real]
     say(f"{n_real:,} samples from the {sampler} sampler for usefulness, as many as the real training set")
-    return draw_samples(model, sampler, ckpt_dir, n_real, seed)
+    return draw_samples(model, sampler, ckpt_dir, n_real, cfg.seed, cfg.temperature)
 
 
 def _inception_features(net: InceptionEmbedding, images: np.ndarray, what: str, say: Progress) -> np.ndarray:

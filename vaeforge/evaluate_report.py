@@ -151,6 +151,7 @@ def build_report(
         "checkpoint": metrics["checkpoint"],
         "held-out images": f"{metrics['holdout']['n']:,} from {metrics['holdout']['source']}",
         "feature space": metrics["feature_space"],
+        "sampler temperature": f"{metrics['temperature']:g}",
         "vaeforge": metrics["vaeforge_version"],
     }
     inception = [m["inception"] for m in metrics["samplers"].values() if "inception" in m]
