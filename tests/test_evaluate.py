@@ -125,7 +125,8 @@ def test_evaluate_temperature_scales_the_samples_spread(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """evaluate measures the samples `generate --temperature` would make: a near-zero temperature
-    collapses every draw of either sampler onto (nearly) one image."""
+    collapses every prior draw onto (nearly) one image (the mixture's draws scale the same way, in
+    GaussianMixture.sample)."""
     import numpy as np
     import torch
     from test_generate import user_error
