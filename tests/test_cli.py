@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,38 @@ def test_ctrl_c_is_one_line_and_exit_130(
         "error: interrupted; finished checkpoints and shards are kept, re-run with --resume to continue"
     )
     assert "Traceback" not in captured.err + captured.out
+
+
+STUCK_RAY = """
+import sys, threading, time
+import ray
+import vaeforge.cli as cli
+import vaeforge.cluster as cluster
+
+cluster._connected_here = True  # as if this process had started its own Ray
+ray.shutdown = lambda: time.sleep(600)  # a Ray that will not stop
+cli.RAY_SHUTDOWN_S = 1.0
+# a thread still inside a blocking call, as the training thread is mid-fit: interpreter exit would wait on it
+threading.Thread(target=time.sleep, args=(600,)).start()
+
+def interrupted(cfg):
+    raise KeyboardInterrupt
+
+cli._run_train = interrupted
+cli.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_exits_even_when_ray_and_a_thread_will_not_stop(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK_RAY, *train_args(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130, done.stderr
+    assert time.monotonic() - started < 60  # 600 s if either the shutdown or the thread were waited on
+    lines = [line for line in ANSI.sub("", done.stderr).splitlines() if line.strip()]
+    assert lines[-1].startswith("error: interrupted;"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_output_holding_another_run_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -595,17 +595,40 @@ def main(argv: list[str] | None = None) -> None:
             f"disk full writing {e.filename or 'output'}; free space and re-run the same command to resume", 2
         )
     except KeyboardInterrupt:
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     except TyperException as e:  # click's usage errors (unknown option, bad value) and Abort (Ctrl-C)
         if not hasattr(e, "format_message"):
-            _fail(INTERRUPTED, 130)
+            _interrupted()
         ctx = getattr(e, "ctx", None)
         hint = f" (see `vaeforge {ctx.command.name} --help`)" if ctx and ctx.parent else ""
         _fail(f"{e.format_message()}{hint}", getattr(e, "exit_code", 2))
     if code == 130:  # typer turns a KeyboardInterrupt into this return value when not standalone
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+RAY_SHUTDOWN_S = 10.0  # what a Ctrl-C gives Ray to stop cleanly before the process exits regardless
+
+
+def _interrupted() -> None:
+    """Ctrl-C: say what was kept, then exit within seconds.
+
+    Finished work is already on disk: a shard or checkpoint counts only once it is complete, and one cut
+    off here is redone on --resume. When this process started its own Ray, the training or sampling thread
+    may still be inside a Ray call, and interpreter exit (Ray's atexit shutdown, thread joins) can then wait
+    on it: a loaded CI machine once sat past two minutes there. So Ray gets RAY_SHUTDOWN_S to stop (the
+    local Ray's processes go with it) and then the process ends regardless.
+    """
+    from vaeforge import cluster
+
+    err.print(f"[bold red]error:[/] {INTERRUPTED}", highlight=False, soft_wrap=True)
+    if not cluster.connected_here():
+        sys.exit(130)  # a caller's Ray (a notebook, the test session) is the caller's to stop
+    sys.stdout.flush()
+    sys.stderr.flush()
+    cluster.shutdown_within(RAY_SHUTDOWN_S)
+    os._exit(130)
 
 
 def _fail(message: str, code: int) -> None:

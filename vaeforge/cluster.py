@@ -57,9 +57,38 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+_connected_here = False  # set once this process's own ray.init has run (not a caller's or a test's Ray)
+
+
+def connected_here() -> bool:
+    """True when init_ray itself connected this process to Ray, so its exit is ours to manage."""
+    return _connected_here
+
+
+def shutdown_within(seconds: float) -> bool:
+    """ray.shutdown(), given at most `seconds`; False when it had not returned by then.
+
+    After a Ctrl-C the training thread can still be inside trainer.fit, and Ray's own shutdown (which it
+    also runs at interpreter exit) can then wait on that thread's calls for minutes on a loaded machine.
+    """
+    import ray
+
+    done = threading.Event()
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        done.set()
+
+    threading.Thread(target=stop, name="vaeforge-ray-shutdown", daemon=True).start()
+    return done.wait(seconds)
+
+
 def _start(ray: Any, address: str | None, num_cpus_needed: float, dashboard: bool, quiet: dict) -> Any:
+    global _connected_here
     context = None
     if not ray.is_initialized():
+        _connected_here = True
         if address:
             context = ray.init(address=address, **quiet)
         else:
