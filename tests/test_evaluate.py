@@ -11,7 +11,7 @@ import webdataset as wds
 
 from vaeforge.checkpoint import load_vae
 from vaeforge.cli import main
-from vaeforge.sampling import load_gmm
+from vaeforge.sampling import load_fit, load_gmm
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
@@ -32,9 +32,12 @@ def cond_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Pat
     cli("train", *TINY, "--conditional", "--epochs", "1", "--precision", "fp32", "--output", str(run))
     at_end = load_gmm(load_vae(run).path)  # training fitted one per class at its end
     assert at_end.per_class and at_end.class_ids() == list(range(6))
-    cli("fit-sampler", "--checkpoint", str(run))  # the same defaults, the same code: the same fit
+    kde_at_end = load_fit(load_vae(run).path, "kde")
+    cli("fit-sampler", "--checkpoint", str(run))  # the same defaults, the same code: the same fits
     assert load_gmm(load_vae(run).path).sha256() == at_end.sha256()
-    cli("fit-sampler", "--checkpoint", str(run), "--k", "3", "--max-points", "300")
+    assert load_fit(load_vae(run).path, "kde").sha256() == kde_at_end.sha256()
+    cli("fit-sampler", "--checkpoint", str(run), "--k", "3", "--max-points", "300", "--sampler", "gmm")
+    assert load_fit(load_vae(run).path, "kde").sha256() == kde_at_end.sha256()  # only the gmm was refit
     return run
 
 
@@ -60,16 +63,38 @@ def test_gmm_sampler_and_explicit_classes(cond_run: Path, tmp_path: Path) -> Non
     assert all(per_shard[(s, 2)] >= 1 for s in range(2))
 
 
+@pytest.mark.timeout(600)
+def test_kde_sampler_fills_one_class(cond_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    cli("generate", "--checkpoint", str(cond_run), "--classes", "4:25", "--sampler", "kde",
+        "--shard-size", "10", "--precision", "fp32", "--format", "parquet", "--output", str(out))  # fmt: skip
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(str(p) for p in out.glob("*.parquet")))
+    assert table.num_rows == 25 and set(table.column("label").to_pylist()) == {4}
+    manifest = json.loads((out / "_manifest.json").read_text())
+    kde = load_fit(load_vae(cond_run).path, "kde")
+    assert (
+        manifest["sampler_transform"] == "kde-fixed-point-v1" and manifest["sampler_sha256"] == kde.sha256()
+    )
+    assert manifest["sampler_fit"]["bandwidth"] == kde.bandwidth
+
+
 @pytest.mark.timeout(900)
 def test_evaluate_writes_metrics_and_a_complete_report(cond_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     cli("evaluate", "--checkpoint", str(cond_run), "--samples", "60", "--max-train", "200",
         "--classifier-steps", "20", "--temperature", "0.9", "--output", str(out))  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["samplers"]) == {"prior", "gmm"} and m["temperature"] == 0.9
+    assert set(m["samplers"]) == {"prior", "gmm", "kde"} and m["temperature"] == 0.9
+    ref = m["memorization_reference"]
+    # the training images the kde samples started from are checked too, not only evaluate's subset
+    assert (
+        ref["train_subset"] == 200 and ref["sample_sources"] > 0 and ref["n"] == 200 + ref["sample_sources"]
+    )
     for s in m["samplers"].values():
         assert s["distribution"]["fid"] >= 0 and 0 <= s["distribution"]["coverage"] <= 1
-        assert s["memorization"]["n_generated"] == 60
+        assert s["memorization"]["n_generated"] == 60 and s["memorization"]["n_train"] == ref["n"]
     assert m["likelihood"]["neg_elbo_nats"] > 0 and m["likelihood"]["conditional_on_label"]
     tstr = m["usefulness"]["tstr"]
     assert 0 <= tstr["tstr_accuracy"] <= 1 and 0 <= tstr["recon_accuracy"] <= 1
@@ -102,7 +127,7 @@ def test_unconditional_run_with_a_per_class_mixture_makes_labeled_data(
     cli("evaluate", "--checkpoint", str(run), "--samples", "60", "--max-train", "200",
         "--classifier-steps", "20", "--output", str(tmp_path / "eval"))  # fmt: skip
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert m["usefulness"]["sampler"] == "gmm" and 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
+    assert m["usefulness"]["sampler"] in ("gmm", "kde") and 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
 
 
 def test_classes_need_a_conditional_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -228,7 +228,7 @@ def test_unconditional_model_labels_samples_from_a_per_class_mixture(tmp_path: P
     images = rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)
     images[100:] //= 4  # class 1 is darker, so its latents sit elsewhere
     labels = np.repeat([0, 1], 100)
-    where, gmm = fit_and_store(load_vae(ckpt), images, labels, k=2, seed=0)
+    where, gmm = fit_and_store(load_vae(ckpt), images, labels, k=2, seed=0)["gmm"]
     assert gmm.per_class and where == str(ckpt / "sampler_gmm.npz")
     cfg = GenerateConfig(
         checkpoint=str(ckpt), output=str(tmp_path), count=30, sampler="gmm", classes="0:10,1:20",

@@ -29,6 +29,7 @@ from vaeforge.model import VAE
 FORMAT = "vaeforge-checkpoint/1"
 MODEL_FILE, TRAINER_FILE, META_FILE = "model.pt", "trainer.pt", "meta.json"
 SAMPLER_FILE = "sampler_gmm.npz"  # the latent mixture `vaeforge fit-sampler` stores beside the weights
+KDE_FILE = "sampler_kde.npz"  # the latent kernel density it stores there too
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -128,7 +129,7 @@ def local_checkpoint(path: str | Path, which: str = "best") -> tuple[str, Path]:
     A local checkpoint is used where it is; a remote one is downloaded once into the cache.
     """
     location, weights = _resolve(path, which)
-    return location, _cached_copy(location, (weights, META_FILE, SAMPLER_FILE)) / weights
+    return location, _cached_copy(location, (weights, META_FILE, SAMPLER_FILE, KDE_FILE)) / weights
 
 
 def _cached_copy(directory: str, names: tuple[str, ...]) -> Path:

@@ -101,8 +101,8 @@ def train(
     fit_sampler: bool = typer.Option(
         True,
         "--fit-sampler/--no-fit-sampler",
-        help="At the end, fit `generate --sampler gmm`'s mixture on the best checkpoint (per class when "
-        "the data is labeled).",
+        help="At the end, fit `generate --sampler gmm`'s mixture and `--sampler kde`'s kernel density on "
+        "the best checkpoint (per class when the data is labeled).",
     ),
 ) -> None:
     """Train the VAE with Ray Train (DDP over --workers), writing checkpoints, metrics and pictures."""
@@ -128,13 +128,15 @@ def generate(
     shard_size: int = typer.Option(10_000, help="Samples per shard."),
     seed: int = typer.Option(0, help="Fixes every latent: sample i of shard s comes from seed (seed, s, i)."),
     sampler: str = typer.Option(
-        "prior", help="prior: N(0, I); gmm: the mixture `vaeforge fit-sampler` fitted to the encoder means."
+        "prior",
+        help="prior: N(0, I); gmm: the mixture `vaeforge fit-sampler` fitted to the encoder means; kde: "
+        "its kernel density on every training latent (the best TSTR and FID in the README's benchmark).",
     ),
-    temperature: float = typer.Option(1.0, help="Scales the spread of either sampler."),
+    temperature: float = typer.Option(1.0, help="Scales the spread of any sampler."),
     classes: str = typer.Option(
         None,
         help="all (training proportions; a conditional model's default), balanced, or C:N,C:N (e.g. "
-        "3:10000). An unconditional model takes it with --sampler gmm fitted per class.",
+        "3:10000). An unconditional model takes it with --sampler gmm or kde fitted per class.",
     ),
     prefix: str = typer.Option("samples", help="Shard file prefix: PREFIX-000000.tar."),
     batch_size: int = typer.Option(256, help="Decoder batch size."),
@@ -200,9 +202,9 @@ def pipeline_configs(opts: dict[str, Any]) -> tuple[TrainConfig, GenerateConfig]
     }
     gen_opts.update(checkpoint=_join(root, TRAIN_DIR), output=_join(root, SHARDS_DIR))
     train_cfg, gen_cfg = train_config(train_opts), generate_config(gen_opts)
-    if gen_cfg.sampler == "gmm" and not train_cfg.fit_sampler:
+    if gen_cfg.sampler != "prior" and not train_cfg.fit_sampler:
         raise UserError(
-            "--sampler gmm samples from the mixture fitted when training ends: drop --no-fit-sampler"
+            f"--sampler {gen_cfg.sampler} samples from the fit made when training ends: drop --no-fit-sampler"
         )
     return train_cfg, gen_cfg
 
@@ -290,9 +292,9 @@ def _run_train(cfg: TrainConfig) -> Any:
     out.print(f"  pictures          {join(result.output, 'samples')}")
     if last:
         out.print(f"  held-out ELBO loss {last['val_loss']:.2f}, PSNR {last['val_psnr']:.2f} dB")
-    if result.sampler is not None:
-        out.print(f"  gmm sampler       {result.sampler[0]}")
-        print_fit(result.sampler[1])
+    for name, (where, fit) in (result.samplers or {}).items():
+        out.print(f"  {name} sampler       {where}")
+        print_fit(fit)
     return result
 
 
@@ -330,22 +332,41 @@ def fit_sampler(
     seed: int = typer.Option(0, help="Seeds the initialisation and the subset; the fit is deterministic."),
     max_points: int = typer.Option(20_000, help="Training images encoded for the fit (a seeded subset)."),
     data: str = typer.Option(None, help="Images to fit on when the checkpoint has no run.json beside it."),
+    sampler: str = typer.Option(
+        "all", help="Which fit to make: gmm (the mixture), kde (the kernel density) or all."
+    ),
 ) -> None:
-    """Fit a Gaussian mixture to where the encoder puts the training images, for `generate --sampler gmm`."""
-    from vaeforge.fit_sampler import run_fit_sampler
+    """Fit the latent samplers to where the encoder puts the training images, for `generate --sampler
+    gmm|kde`: a Gaussian mixture, and a kernel density on every training latent."""
+    from vaeforge.fit_sampler import KDE_MAX_POINTS, run_fit_sampler
+    from vaeforge.sampling import FITTED
 
-    err.print(f"fit-sampler: encoding up to {max_points:,} training images and fitting the mixture")
-    where, gmm = run_fit_sampler(checkpoint, k, seed, max_points, data, per_class)
-    out.print(f"[bold green]done[/]: {where}")
-    print_fit(gmm)
+    if sampler not in (*FITTED, "all"):
+        raise UserError(f"unknown --sampler {sampler!r}; choose {', '.join(FITTED)} or all")
+    kinds = FITTED if sampler == "all" else (sampler,)
+    what = {"gmm": f"up to {max_points:,} for the mixture", "kde": f"up to {KDE_MAX_POINTS:,} for the kde"}
+    err.print(f"fit-sampler: encoding training images ({', '.join(what[k] for k in kinds)}) and fitting")
+    fits = run_fit_sampler(checkpoint, k, seed, max_points, data, per_class, kinds)
+    for where, fit in fits.values():
+        out.print(f"[bold green]done[/]: {where}")
+        print_fit(fit)
 
 
-def print_fit(gmm: Any) -> None:
-    """What fit-sampler and the end of training say about a fitted mixture."""
-    m = gmm.meta
-    how = f"{len(gmm.class_ids())} classes x up to {m['k_per_class']}" if gmm.per_class else "pooled"
+def print_fit(fit: Any) -> None:
+    """What fit-sampler and the end of training say about a fitted sampler."""
+    m = fit.meta
+    if m.get("kind") == "kde":
+        how = f"per class, {len(fit.class_ids())} classes" if fit.per_class else "pooled"
+        h = m["bandwidth"]
+        out.print(f"  kde on {m['points']:,} latents ({how}), bandwidth {h:g} ({m['bandwidth_selection']})")
+        if m["heldout_loglik"]:
+            ll = m["heldout_loglik"][f"{h:g}"]
+            out.print(f"  held-out log-likelihood {ll:.2f} on {m['heldout_points']:,} latents")
+        out.print(f"  sha256 {fit.sha256()[:16]}")
+        return
+    how = f"{len(fit.class_ids())} classes x up to {m['k_per_class']}" if fit.per_class else "pooled"
     out.print(f"  {m['k']} components ({how}) on {m['points']:,} latents, {m['iterations']} EM iterations")
-    out.print(f"  mean log-likelihood {m['mean_loglik']:.2f}, sha256 {gmm.sha256()[:16]}")
+    out.print(f"  mean log-likelihood {m['mean_loglik']:.2f}, sha256 {fit.sha256()[:16]}")
 
 
 @app.command()

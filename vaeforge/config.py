@@ -155,7 +155,7 @@ class TrainConfig:
 
 OUTPUT_FORMATS = ("webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp", "npy")
-SAMPLERS = ("prior", "gmm")
+SAMPLERS = ("prior", "gmm", "kde")
 
 
 def parse_count(text: str | int) -> int:

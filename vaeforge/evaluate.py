@@ -29,7 +29,7 @@ from vaeforge.metrics.likelihood import heldout_likelihood
 from vaeforge.metrics.memorization import memorization
 from vaeforge.model import VAE
 from vaeforge.run_data import EvalData, find_run, load_eval_data
-from vaeforge.sampling import gmm_path, load_gmm, prior_latents
+from vaeforge.sampling import FITTED, fit_path, load_fit, prior_latents
 
 Progress = Callable[[str], None]
 
@@ -46,24 +46,45 @@ def _subset(n_have: int, n_want: int, seed: int, salt: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, salt]).choice(n_have, n_want, replace=False))
 
 
-def draw_samples(
-    model: VAE, sampler: str, ckpt_dir: Path, n: int, seed: int, temperature: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """n samples and their labels, -1 where the samples have none.
+def sample_labels(model: VAE, fit: Any | None, n: int) -> np.ndarray:
+    """The labels of evaluate's n samples, -1 where the samples have none.
 
     Labels cycle over the classes (balanced) for a conditional model, and for any model whose mixture
-    was fitted per class: z is then drawn from that class's components, so even an unconditional
-    model's samples carry a label that TSTR can test.
+    or kde was fitted per class: z is then drawn from that class's part of the fit, so even an
+    unconditional model's samples carry a label that TSTR can test.
     """
     k = model.config.num_classes
-    gmm = None if sampler == "prior" else load_gmm(ckpt_dir)
-    classes = list(range(k)) if k else (gmm.class_ids() if gmm is not None else [])
-    labels = np.asarray(classes)[np.arange(n) % len(classes)] if classes else np.full(n, -1)
-    if gmm is None:
+    classes = list(range(k)) if k else (fit.class_ids() if fit is not None else [])
+    return np.asarray(classes)[np.arange(n) % len(classes)] if classes else np.full(n, -1)
+
+
+def draw_samples(
+    model: VAE,
+    sampler: str,
+    ckpt_dir: Path,
+    n: int,
+    seed: int,
+    temperature: float = 1.0,
+    fit: Any | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """n samples of `sampler` and their labels (see sample_labels); `fit` saves loading it again."""
+    if fit is None and sampler != "prior":
+        fit = load_fit(ckpt_dir, sampler)
+    labels = sample_labels(model, fit, n)
+    if fit is None:
         z = prior_latents(seed, 0, 0, n, model.config.latent_dim, temperature)
     else:
-        z = gmm.sample(seed, 0, 0, n, temperature=temperature, labels=labels if classes else None)
-    return decode_latents(model, z, labels=labels if k else None), labels
+        z = fit.sample(seed, 0, 0, n, temperature=temperature, labels=labels if (labels >= 0).all() else None)
+    return decode_latents(model, z, labels=labels if model.config.num_classes else None), labels
+
+
+def sample_sources(model: VAE, fit: Any, n: int, seed: int, n_train: int) -> np.ndarray:
+    """Positions in the run's training split of the images evaluate's n kde samples started from (empty
+    for other samplers, or when the fit was made on another training split)."""
+    if not hasattr(fit, "sources") or fit.meta.get("train_n") != n_train:
+        return np.empty(0, dtype=np.int64)
+    labels = sample_labels(model, fit, n)
+    return fit.sources(seed, 0, 0, n, labels=labels if (labels >= 0).all() else None)
 
 
 def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> EvaluateResult:
@@ -105,17 +126,22 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         lk = heldout_likelihood(model, hold, recon_loss=recon_loss, seed=cfg.seed, labels=y)
         metrics["likelihood"] = {**lk.to_dict(), "conditional_on_label": conditional}
     say("features of the real images")
-    real_f, train_f = extract_features(hold), extract_features(train)
+    real_f = extract_features(hold)
     real_inc = _inception_features(inception, hold, "the real images", say) if inception else None
-    samplers = ["prior"] + (["gmm"] if gmm_path(ckpt_dir).is_file() else [])
+    fits = {name: load_fit(ckpt_dir, name) for name in FITTED if fit_path(ckpt_dir, name).is_file()}
+    samplers = ["prior", *fits]
+    reference, ref_f, metrics["memorization_reference"] = _memorization_reference(
+        model, fits, data.train, train, train_sel, cfg
+    )
     samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     metrics["samplers"] = {}
     for name in samplers:
         say(f"{cfg.samples:,} samples from the {name} sampler")
-        images, labels = draw_samples(model, name, ckpt_dir, cfg.samples, cfg.seed, cfg.temperature)
+        fit = fits.get(name)
+        images, labels = draw_samples(model, name, ckpt_dir, cfg.samples, cfg.seed, cfg.temperature, fit)
         feats = extract_features(images)
         dist = distribution_metrics(real_f, feats, feature_space=FEATURE_SPACE, seed=cfg.seed)
-        mem = memorization(feats, train_f, real_f, feature_space=FEATURE_SPACE)
+        mem = memorization(feats, ref_f, real_f, feature_space=FEATURE_SPACE)
         metrics["samplers"][name] = {"distribution": dist.to_dict(), "memorization": mem.to_dict()}
         if inception is not None:
             fake_inc = _inception_features(inception, images, f"the {name} samples", say)
@@ -133,7 +159,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         train_labels,
         hold,
         hold_labels,
-        lambda: _matched(model, use_with, ckpt_dir, samples[use_with], len(train), cfg, say),
+        lambda: _matched(model, use_with, fits.get(use_with), samples[use_with], len(train), cfg, say),
         lambda: reconstruct(model, train, labels=train_labels if conditional else None),
         say,
     )
@@ -143,17 +169,40 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     say("pictures")
     from vaeforge.evaluate_report import build_report
 
-    page = build_report(model, metrics, data, hold, hold_labels, train, samples, cfg.seed)
+    page = build_report(model, metrics, data, hold, hold_labels, reference, samples, cfg.seed)
     tmp = out / "report.html.tmp"
     tmp.write_text(page)
     tmp.replace(out / "report.html")
     return EvaluateResult(out, metrics)
 
 
+def _memorization_reference(
+    model: VAE,
+    fits: dict[str, Any],
+    train_all: np.ndarray,
+    train: np.ndarray,
+    train_sel: np.ndarray,
+    cfg: EvaluateConfig,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(images, features, counts) of the training images every sample is checked against.
+
+    evaluate's training subset, plus every training image a kde sample started from: a kde sample sits
+    near its centre's latent, so the image it could copy is that one, and a subset that happened to
+    leave it out would hide the copy. The held-out baseline is measured against the same set.
+    """
+    extra = np.empty(0, dtype=np.int64)
+    for fit in fits.values():
+        extra = np.union1d(extra, sample_sources(model, fit, cfg.samples, cfg.seed, len(train_all)))
+    extra = np.setdiff1d(extra, train_sel)
+    images = np.concatenate([train, train_all[extra]]) if len(extra) else train
+    counts = {"train_subset": len(train), "sample_sources": len(extra), "n": len(images)}
+    return images, extract_features(images), counts
+
+
 def _matched(
     model: VAE,
     sampler: str,
-    ckpt_dir: Path,
+    fit: Any | None,
     sample: tuple[np.ndarray, np.ndarray],
     n_real: int,
     cfg: EvaluateConfig,
@@ -166,7 +215,7 @@ def _matched(
     if len(images) >= n_real or (labels < 0).any():
         return images[:n_real], labels[:n_real]
     say(f"{n_real:,} samples from the {sampler} sampler for usefulness, as many as the real training set")
-    return draw_samples(model, sampler, ckpt_dir, n_real, cfg.seed, cfg.temperature)
+    return draw_samples(model, sampler, Path(), n_real, cfg.seed, cfg.temperature, fit)
 
 
 def _inception_features(net: InceptionEmbedding, images: np.ndarray, what: str, say: Progress) -> np.ndarray:

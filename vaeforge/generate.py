@@ -29,14 +29,7 @@ from vaeforge.cluster import init_ray, joins_cluster
 from vaeforge.config import GenerateConfig
 from vaeforge.errors import UserError
 from vaeforge.generate_worker import ShardTask, ShardWorker
-from vaeforge.sampling import (
-    GMM_TRANSFORM,
-    LATENT_STREAMS,
-    GaussianMixture,
-    load_gmm,
-    parse_classes,
-    shard_class_quotas,
-)
+from vaeforge.sampling import LATENT_STREAMS, load_fit, parse_classes, shard_class_quotas
 from vaeforge.writers import clean_stale_temps, shard_name
 
 STATE_DIR = ".vaeforge"  # plan.json + done/ (one record per finished shard): what makes a re-run a resume
@@ -95,46 +88,46 @@ def plan_shards(cfg: GenerateConfig, class_totals: list[int] | None = None) -> l
 
 
 def class_totals(
-    cfg: GenerateConfig, num_classes: int, meta: dict[str, Any], gmm: GaussianMixture | None
+    cfg: GenerateConfig, num_classes: int, meta: dict[str, Any], fit: Any | None
 ) -> list[int] | None:
     """Samples per class, or None when the samples carry no labels.
 
     A conditional model always labels its samples (--classes defaults to "all"). An unconditional model
-    labels them only when asked with --classes, and then needs a per-class mixture (`gmm`, the one
-    --sampler gmm uses): z drawn from class c's components is what makes the image a c, since the
-    decoder never sees the label.
+    labels them only when asked with --classes, and then needs a per-class fit (`fit`, the mixture or
+    kde that --sampler gmm|kde uses): z drawn from class c's part of it is what makes the image a c,
+    since the decoder never sees the label.
     """
     data = meta.get("data", {})
     if num_classes == 0:
         if cfg.classes is None:
             return None
-        if gmm is None or not gmm.per_class:
+        if fit is None or not fit.per_class:
             raise UserError(
                 "--classes needs a conditional model (vaeforge train --conditional), or --sampler gmm "
-                "with a mixture fitted per class (vaeforge fit-sampler --per-class)"
+                "or kde fitted per class (vaeforge fit-sampler --per-class)"
             )
-        num_classes = max(len(data.get("classes") or []), max(gmm.class_ids()) + 1)
+        num_classes = max(len(data.get("classes") or []), max(fit.class_ids()) + 1)
     totals = parse_classes(cfg.classes or "all", num_classes, data.get("class_counts"), cfg.count)
-    if gmm is not None and gmm.per_class:
-        missing = [c for c, n in enumerate(totals) if n and c not in gmm.class_ids()]
+    if fit is not None and fit.per_class:
+        missing = [c for c, n in enumerate(totals) if n and c not in fit.class_ids()]
         if missing:
             raise UserError(
-                f"--classes asks for class {missing[0]}, which the fitted mixture has no component for; "
+                f"--classes asks for class {missing[0]}, which the fitted {cfg.sampler} has no part for; "
                 "refit with `vaeforge fit-sampler` on data that has it"
             )
     return totals
 
 
-def sampler_identity(gmm: GaussianMixture | None) -> dict[str, Any]:
-    """What the sampler adds to the plan: a fitted mixture decides the bytes as much as the weights do."""
+def sampler_identity(fit: Any | None) -> dict[str, Any]:
+    """What the sampler adds to the plan: a fitted sampler decides the bytes as much as the weights do."""
     streams = {"latent_streams": LATENT_STREAMS}
-    if gmm is None:
+    if fit is None:
         return streams
     return {
         **streams,
-        "sampler_sha256": gmm.sha256(),
-        "sampler_fit": gmm.meta,
-        "sampler_transform": GMM_TRANSFORM,
+        "sampler_sha256": fit.sha256(),
+        "sampler_fit": fit.meta,
+        "sampler_transform": fit.transform,
     }
 
 
@@ -238,9 +231,9 @@ def run_generate(cfg: GenerateConfig, progress: Progress | None = None) -> Gener
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))
     ckpt_dir, sha = checkpoint_identity(cfg.checkpoint)
     loaded = load_vae(ckpt_dir)  # fail here, with one line, rather than in every actor
-    gmm = load_gmm(str(loaded.path)) if cfg.sampler == "gmm" else None
-    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta, gmm)
-    sampler = sampler_identity(gmm)
+    fit = None if cfg.sampler == "prior" else load_fit(str(loaded.path), cfg.sampler)
+    totals = class_totals(cfg, loaded.model.config.num_classes, loaded.meta, fit)
+    sampler = sampler_identity(fit)
     done = prepare_output(cfg, sha, sampler)
     tasks = plan_shards(cfg, totals)
     todo = [t for t in tasks if t.index not in done]

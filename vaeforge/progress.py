@@ -127,7 +127,8 @@ class TrainDisplay(_Display):
 
     def _on_fit_sampler(self, e: dict[str, Any]) -> None:
         self._print(
-            f"sampler: fitting the gmm mixture on {e['images']:,} training latents of {e['checkpoint']}"
+            f"sampler: fitting the gmm mixture on {e['images']['gmm']:,} and the kde on "
+            f"{e['images']['kde']:,} training latents of {e['checkpoint']}"
         )
 
 

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from vaeforge.checkpoint import KDE_FILE
 from vaeforge.checkpoint import SAMPLER_FILE as GMM_FILE
 from vaeforge.errors import UserError
 
@@ -73,6 +75,41 @@ def prior_latents(seed: int, shard: int, start: int, n: int, dim: int, temperatu
     return z * np.float32(temperature)
 
 
+def fixed_point_factors(chol: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(chol as integers in float64, per-factor power-of-two exponents, noise exponent) for (K, D, D) factors.
+
+    Every entry of the integer factors is at most 2^CHOL_BITS in magnitude, and the noise is quantised to
+    2^-noise_exp with |noise| <= NOISE_CLIP, so that every partial sum of a product row stays below 2^53
+    and float64 arithmetic on them is exact in any order (see GaussianMixture.sample).
+    """
+    k, d = chol.shape[0], chol.shape[1]
+    chol = np.asarray(chol, dtype=np.float64)
+    biggest = np.abs(chol).reshape(k, -1).max(axis=1)
+    exps = np.floor(CHOL_BITS - np.log2(np.maximum(biggest, np.finfo(np.float64).tiny))).astype(int)
+    chol_q = np.rint(np.ldexp(chol, exps[:, None, None]))
+    # d * 2^CHOL_BITS * NOISE_CLIP * 2^noise_exp <= 2^52: the sum of |products| of one row fits
+    noise_exp = 52 - CHOL_BITS - int(np.ceil(np.log2(d))) - int(np.log2(NOISE_CLIP))
+    return chol_q, exps, noise_exp
+
+
+def exact_spreads(
+    noise: np.ndarray, factor: np.ndarray, fixed: tuple[np.ndarray, np.ndarray, int]
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """[(factor id c, rows, chol[c] @ noise[rows] as (m, D) float64)] for each factor in use.
+
+    noise (n, D) float64 standard normals; factor (n,) which factor each row uses; fixed from
+    fixed_point_factors. One matrix product per factor, exact, so a row's result does not depend on which
+    other rows share its product.
+    """
+    chol_q, exps, noise_exp = fixed
+    noise_q = np.rint(np.ldexp(np.clip(noise, -NOISE_CLIP, NOISE_CLIP), noise_exp))
+    out = []
+    for c in np.unique(factor):
+        rows = np.flatnonzero(factor == c)
+        out.append((int(c), rows, np.ldexp(noise_q[rows] @ chol_q[c].T, -(int(exps[c]) + noise_exp))))
+    return out
+
+
 @dataclass(frozen=True)
 class GaussianMixture:
     """A fitted full-covariance Gaussian mixture over latent vectors, pooled or one per class.
@@ -88,6 +125,8 @@ class GaussianMixture:
     chol: np.ndarray
     meta: dict  # how it was fitted: k, seed, iterations, n points, log-likelihood, source checkpoint
     classes: np.ndarray | None = None
+
+    transform = GMM_TRANSFORM
 
     @property
     def k(self) -> int:
@@ -126,19 +165,7 @@ class GaussianMixture:
 
     @cached_property
     def _fixed_point(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """(chol as integers in float64, per-component power-of-two exponents, noise exponent).
-
-        See sample(): every entry of the integer factors is at most 2^CHOL_BITS in magnitude, and the noise
-        is quantised to 2^-noise_exp with |noise| <= NOISE_CLIP, so that every partial sum of a product
-        row stays below 2^53 and float64 arithmetic on them is exact in any order.
-        """
-        d = self.means.shape[1]
-        biggest = np.abs(self.chol).reshape(self.k, -1).max(axis=1)
-        exps = np.floor(CHOL_BITS - np.log2(np.maximum(biggest, np.finfo(np.float64).tiny))).astype(int)
-        chol_q = np.rint(np.ldexp(self.chol, exps[:, None, None]))
-        # d * 2^CHOL_BITS * NOISE_CLIP * 2^noise_exp <= 2^52: the sum of |products| of one row fits
-        noise_exp = 52 - CHOL_BITS - int(np.ceil(np.log2(d))) - int(np.log2(NOISE_CLIP))
-        return chol_q, exps, noise_exp
+        return fixed_point_factors(self.chol)
 
     def sample(
         self,
@@ -175,12 +202,8 @@ class GaussianMixture:
             pick = min(int(np.searchsorted(cdf, g.random() * cdf[-1], side="right")), len(ids) - 1)
             comp[j] = ids[pick]
             noise[j] = g.standard_normal(d)
-        chol_q, exps, noise_exp = self._fixed_point
-        noise_q = np.rint(np.ldexp(np.clip(noise, -NOISE_CLIP, NOISE_CLIP), noise_exp))
         z = np.empty((n, d), dtype=np.float32)
-        for c in np.unique(comp):
-            rows = np.flatnonzero(comp == c)
-            spread = np.ldexp(noise_q[rows] @ chol_q[c].T, -(int(exps[c]) + noise_exp))  # exact
+        for c, rows, spread in exact_spreads(noise, comp, self._fixed_point):
             z[rows] = self.means[c] + temperature * spread
         return z
 
@@ -320,90 +343,65 @@ def fit_class_gmm(
 LatentSampler = Callable[[int, int, int, int, "np.ndarray | None"], np.ndarray]
 
 
+FIT_FILES = {"gmm": GMM_FILE, "kde": KDE_FILE}  # the fitted samplers, stored beside the weights
+FITTED = tuple(FIT_FILES)
+
+
+def fit_path(checkpoint_dir: str | Path, name: str = "gmm") -> Path:
+    return Path(checkpoint_dir) / FIT_FILES[name]
+
+
 def gmm_path(checkpoint_dir: str | Path) -> Path:
-    return Path(checkpoint_dir) / GMM_FILE
+    return fit_path(checkpoint_dir, "gmm")
 
 
-def load_gmm(checkpoint_dir: str | Path) -> GaussianMixture:
-    """The mixture fitted for this checkpoint.
+def load_fit(checkpoint_dir: str | Path, name: str) -> Any:
+    """The fitted sampler `name` ("gmm": GaussianMixture, "kde": LatentKDE) stored with this checkpoint.
 
     Raises:
         UserError: when none was fitted; the message says how to fit one.
     """
-    path = gmm_path(checkpoint_dir)
+    from vaeforge.sampling_kde import LatentKDE
+
+    path = fit_path(checkpoint_dir, name)
+    what = {"gmm": "a fitted mixture", "kde": "a fitted kernel density"}[name]
     if not path.is_file():
         raise UserError(
-            f"--sampler gmm needs a fitted mixture and {checkpoint_dir} has none; "
+            f"--sampler {name} needs {what} and {checkpoint_dir} has none; "
             "run `vaeforge fit-sampler --checkpoint RUN_DIR` first"
         )
     try:
-        return GaussianMixture.load(path)
+        return (GaussianMixture if name == "gmm" else LatentKDE).load(path)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path} is damaged ({e}); re-run `vaeforge fit-sampler`") from None
 
 
+def load_gmm(checkpoint_dir: str | Path) -> GaussianMixture:
+    """The mixture fitted for this checkpoint (see load_fit)."""
+    return load_fit(checkpoint_dir, "gmm")
+
+
 def make_sampler(name: str, checkpoint_dir: str | Path, latent_dim: int, temperature: float) -> LatentSampler:
-    """The sampler `generate --sampler NAME` uses; "gmm" loads the mixture stored with the checkpoint."""
+    """The sampler `generate --sampler NAME` uses; "gmm" and "kde" load the fit stored with the checkpoint."""
     if name == "prior":
         return lambda seed, shard, start, n, labels=None: prior_latents(
             seed, shard, start, n, latent_dim, temperature
         )
-    if name == "gmm":
-        gmm = load_gmm(checkpoint_dir)
-        if gmm.means.shape[1] != latent_dim:
-            raise UserError(f"the mixture in {checkpoint_dir} does not match the model's latent size")
-        return lambda seed, shard, start, n, labels=None: gmm.sample(
+    if name in FIT_FILES:
+        fit = load_fit(checkpoint_dir, name)
+        if fit_latent_dim(fit) != latent_dim:
+            raise UserError(f"the {name} fit in {checkpoint_dir} does not match the model's latent size")
+        return lambda seed, shard, start, n, labels=None: fit.sample(
             seed, shard, start, n, temperature, labels
         )
-    raise UserError(f"unknown sampler {name!r}; choose prior or gmm")
+    raise UserError(f"unknown sampler {name!r}; choose prior, {', '.join(FITTED)}")
+
+
+def fit_latent_dim(fit: Any) -> int:
+    return (fit.means if isinstance(fit, GaussianMixture) else fit.points).shape[1]
 
 
 POOLED_K, PER_CLASS_K = 10, 3  # default components: a pooled fit, or each class of a per-class fit
-
-
-def fit_latent_gmm(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray | None = None,
-    k: int | None = None,
-    seed: int = 0,
-    max_points: int = 20_000,
-    per_class: bool | None = None,
-    index: np.ndarray | None = None,
-) -> GaussianMixture:
-    """Fit the mixture on the encoder means of `images` (a run's training split). No I/O.
-
-    Args:
-        labels: (N,) the images' labels (-1: unlabeled). A conditional model's encoder needs them; a
-            per-class fit groups by them.
-        k: components, pooled or per class; None: POOLED_K or PER_CLASS_K.
-        max_points: a seeded subset caps EM's cost, which grows with N * k * D^2; 20,000 points is
-            ~40 per parameter-dimension for D=512 and a few minutes on a CPU.
-        per_class: one mixture per class (see fit_class_gmm); None: per class whenever every image has
-            a label.
-        index: fit on images[index] (labels[index]) only, e.g. a training split, without copying the
-            rest; the seeded subset is drawn from it exactly as from images[index] passed whole.
-
-    Raises:
-        UserError: per_class=True without labels.
-    """
-    from vaeforge.inference import encode_means
-
-    index = np.arange(len(images)) if index is None else np.asarray(index)
-    if len(index) > max_points:
-        index = index[
-            np.sort(np.random.default_rng([seed, 11]).choice(len(index), max_points, replace=False))
-        ]
-    images, labels = images[index], None if labels is None else np.asarray(labels)[index]
-    labeled = labels is not None and len(labels) > 0 and bool((labels >= 0).all())
-    per_class = labeled if per_class is None else per_class
-    if per_class and not labeled:
-        raise UserError("--per-class needs labels for every training image; this run's data has none")
-    cond = model.config.num_classes > 0
-    means = encode_means(model, images, labels=labels if cond else None)
-    if per_class:
-        return fit_class_gmm(means, labels, k=k or PER_CLASS_K, seed=seed)
-    return fit_gmm(means, k=k or POOLED_K, seed=seed)
 
 
 # ------------------------------------------------------------------ class plans for conditional models

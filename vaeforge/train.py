@@ -38,10 +38,11 @@ class TrainResult:
     best_checkpoint: str
     latest_checkpoint: str
     history: list[dict[str, Any]]
-    sampler: tuple[str, Any] | None = None  # (location, GaussianMixture) of the fit made at the end
+    # {name: (location, fit)} of the samplers fitted at the end (gmm: GaussianMixture, kde: LatentKDE)
+    samplers: dict[str, tuple[str, Any]] | None = None
 
 
-FIT_POINTS = 20_000  # training images the end-of-run sampler fit encodes, as fit-sampler's default
+FIT_POINTS = 20_000  # training images the end-of-run mixture fit encodes, as fit-sampler's default
 
 
 def package_versions() -> dict[str, str]:
@@ -191,16 +192,17 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
     history = _fit(cfg, loop_config, notify)
     out = cfg.output
     best = resolve_checkpoint(out, "best")
-    sampler = None
+    samplers = None
     if cfg.fit_sampler:
-        from vaeforge.fit_sampler import fit_and_store
+        from vaeforge.fit_sampler import KDE_MAX_POINTS, fit_and_store
 
-        notify({"kind": "fit_sampler", "checkpoint": best, "images": min(len(train_idx), FIT_POINTS)})
+        images = {"gmm": min(len(train_idx), FIT_POINTS), "kde": min(len(train_idx), KDE_MAX_POINTS)}
+        notify({"kind": "fit_sampler", "checkpoint": best, "images": images})
         labels = data.labels if (data.labels[train_idx] >= 0).all() else None
-        sampler = fit_and_store(
+        samplers = fit_and_store(
             load_vae(best), data.images, labels, seed=cfg.seed, max_points=FIT_POINTS, index=train_idx
         )
-    return TrainResult(out, best, resolve_checkpoint(out, "latest"), history, sampler)
+    return TrainResult(out, best, resolve_checkpoint(out, "latest"), history, samplers)
 
 
 def _latest(cfg: TrainConfig) -> str | None:
