@@ -1,12 +1,15 @@
 """Latent sampling cost per sample, in one run: the prior with a generator seeded per sample (as it was)
 against one jumped-ahead stream per shard (sampling.SampleStreams), and the mixture's per-sample float64
-product against the fixed-point product that GaussianMixture.sample uses.
+product against the fixed-point product that GaussianMixture.sample uses, and the kde sampler
+(sampling_kde.LatentKDE: a training latent picked per sample, then the same fixed-point product) beside it.
 
-    .venv/bin/python bench/bench_sampler.py [--dim 512] [--k 30] [--n 2048] [--rounds 5]
+    .venv/bin/python bench/bench_sampler.py [--dim 512] [--k 30] [--n 2048] [--rounds 5] [--points 57000]
 
 The mixture is random with full-covariance factors (speed does not depend on the fit); 30 components is a
-per-class fit of 10 classes x 3. "per-sample" is the previous implementation: each sample's own generator,
-then chol[c] @ noise as one matrix-vector product. Both use the same generator draws, and the script
+per-class fit of 10 classes x 3; the kde has --points random centres in 10 classes (Fashion-MNIST's
+57,000 training latents) and draws per class, as generate does for a conditional model. "per-sample"
+is the previous implementation: each sample's own generator, then chol[c] @ noise as one matrix-vector
+product. Both use the same generator draws, and the script
 checks that they agree to 1e-4 before timing. Prints the median us/sample of `--rounds` alternating
 rounds, and the speed-up of the fixed-point product. One thread: generate's CPU actors run with one.
 """
@@ -22,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads BLAS, a
 import numpy as np  # noqa: E402
 
 from vaeforge.sampling import GaussianMixture, prior_latents, sample_generator  # noqa: E402
+from vaeforge.sampling_kde import LatentKDE  # noqa: E402
 
 
 def per_sample(gmm: GaussianMixture, seed: int, shard: int, start: int, n: int) -> np.ndarray:
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=30)
     ap.add_argument("--n", type=int, default=2048, help="Samples per call (generate's workers draw 2,048).")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--points", type=int, default=57_000, help="kde centres.")
     args = ap.parse_args()
     d, k, n = args.dim, args.k, args.n
     rng = np.random.default_rng(0)
@@ -64,13 +69,20 @@ def main() -> None:
     err = float(np.abs(ref - fast).max())
     if err > 1e-4:
         raise SystemExit(f"the two mixture samplers disagree by {err:.2e}")
-    names = ("prior, seeded per sample", "prior, shard stream", "mixture, per-sample", "mixture, fixed-point")
+    classes = np.arange(args.points) % 10
+    kde_chol = chol[:10]
+    kde = LatentKDE(rng.standard_normal((args.points, d)).astype(np.float32), classes, kde_chol, 0.5,
+                    np.arange(args.points), {})  # fmt: skip
+    labels = np.arange(n) % 10
+    names = ("prior, seeded per sample", "prior, shard stream", "mixture, per-sample", "mixture, fixed-point",
+             "kde, fixed-point")  # fmt: skip
     rows: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         rows["prior, seeded per sample"].append(timed(lambda r=r: seeded_prior(0, r, 0, n, d), n))
         rows["prior, shard stream"].append(timed(lambda r=r: prior_latents(0, r, 0, n, d, 1.0), n))
         rows["mixture, per-sample"].append(timed(lambda r=r: per_sample(gmm, 0, r, 0, n), n))
         rows["mixture, fixed-point"].append(timed(lambda r=r: gmm.sample(0, r, 0, n), n))
+        rows["kde, fixed-point"].append(timed(lambda r=r: kde.sample(0, r, 0, n, labels=labels), n))
     med = {name: float(np.median(v)) for name, v in rows.items()}
     print(f"latent dim {d}, {k} components, {n} samples a call, median of {args.rounds} rounds, 1 thread")
     for name, us in med.items():
@@ -79,6 +91,7 @@ def main() -> None:
     print(f"  shard-stream speed-up      {streams:.2f}x")
     print(f"  fixed-point speed-up       {med['mixture, per-sample'] / med['mixture, fixed-point']:.2f}x")
     print(f"  max |difference|           {err:.1e} (float32 latents)")
+    print(f"  kde / mixture cost         {med['kde, fixed-point'] / med['mixture, fixed-point']:.2f}x")
 
 
 if __name__ == "__main__":
