@@ -128,6 +128,11 @@ def test_unconditional_run_with_a_per_class_mixture_makes_labeled_data(
         "--classifier-steps", "20", "--output", str(tmp_path / "eval"))  # fmt: skip
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["usefulness"]["sampler"] in ("gmm", "kde") and 0 <= m["usefulness"]["tstr"]["tstr_accuracy"] <= 1
+    other = {"gmm": "kde", "kde": "gmm"}[m["usefulness"]["sampler"]]  # the one the default did not pick
+    cli("evaluate", "--checkpoint", str(run), "--samples", "60", "--max-train", "200", "--classifier-steps",
+        "20", "--output", str(tmp_path / "eval2"), "--usefulness-sampler", other)  # fmt: skip
+    m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert m2["usefulness"]["sampler"] == other and "tstr" in m2["usefulness"]
 
 
 def test_classes_need_a_conditional_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,3 +178,21 @@ def test_evaluate_temperature_scales_the_samples_spread(
     assert warm > 0 and cold < 0.1 * warm, (cold, warm)
     line = user_error(["evaluate", "--checkpoint", str(ckpt), "--temperature", "0"], capsys)
     assert "--temperature must be positive" in line
+    line = user_error(["evaluate", "--checkpoint", str(ckpt), "--usefulness-sampler", "flow"], capsys)
+    assert "unknown --usefulness-sampler 'flow'" in line
+
+
+def test_usefulness_sampler_must_be_fitted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Asking usefulness for a sampler the checkpoint has no fit for fails before any sampling."""
+    import torch
+    from test_generate import user_error
+
+    from vaeforge.checkpoint import save_checkpoint
+    from vaeforge.config import get_preset
+    from vaeforge.model import VAE
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", VAE(get_preset("tiny")).eval(), {"epoch": 0, "metrics": {}})
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--data", "builtin", "--usefulness-sampler", "kde"]
+    line = user_error(argv, capsys)
+    assert "--usefulness-sampler kde" in line and "has no such fit" in line and "fit-sampler" in line

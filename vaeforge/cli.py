@@ -381,6 +381,11 @@ def evaluate(
         True, "--usefulness/--no-usefulness", help="TSTR and augmentation (labeled data, conditional model)."
     ),
     classifier_steps: int = typer.Option(600, help="Training steps of each usefulness classifier."),
+    usefulness_sampler: str = typer.Option(
+        None,
+        help="The sampler whose samples TSTR and augmentation use (default: the labeled one with the "
+        "best FID).",
+    ),
     temperature: float = typer.Option(
         1.0,
         help="Scales either sampler's spread, as `generate --temperature` does: measure what you generate.",
@@ -406,6 +411,7 @@ def evaluate(
         max_train=max_train,
         usefulness=usefulness,
         classifier_steps=classifier_steps,
+        usefulness_sampler=usefulness_sampler,
         temperature=temperature,
         inception_weights=inception_weights,
     )

@@ -278,6 +278,8 @@ class EvaluateConfig:
     max_train: int = 10_000  # training images searched for nearest neighbours and used by the classifiers
     seed: int = 0
     usefulness: bool = True  # TSTR and augmentation (labeled data, conditional model)
+    # The sampler whose samples the classifiers train on; None: the labeled one with the lowest FID.
+    usefulness_sampler: str | None = None
     classifier_steps: int = 600
     # Scales both samplers' spread as `generate --temperature` does, so that the numbers describe the
     # samples a user will generate.
@@ -294,6 +296,10 @@ class EvaluateConfig:
             raise UserError("--classifier-steps must be at least 1")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if self.usefulness_sampler not in (None, *SAMPLERS):
+            raise UserError(
+                f"unknown --usefulness-sampler {self.usefulness_sampler!r}; choose {', '.join(SAMPLERS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,12 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         device = "cuda" if torch.cuda.is_available() else "cpu"
         inception = load_inception(cfg.inception_weights, device)
         say(f"InceptionV3 weights loaded (sha256 {inception.weights_sha256[:16]}...), running on {device}")
+    fitted = [name for name in FITTED if fit_path(ckpt_dir, name).is_file()]
+    if cfg.usefulness_sampler not in (None, "prior", *fitted):  # before minutes of work, not after
+        raise UserError(
+            f"--usefulness-sampler {cfg.usefulness_sampler}: {ckpt_dir} has no such fit "
+            f"(samplers here: {', '.join(['prior', *fitted])}); run `vaeforge fit-sampler` first"
+        )
     run = find_run(ckpt_dir)
     out = Path(cfg.output) if cfg.output else Path(run["dir"] if run else ckpt_dir) / "eval"
     if out.exists() and not out.is_dir():
@@ -128,7 +134,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     say("features of the real images")
     real_f = extract_features(hold)
     real_inc = _inception_features(inception, hold, "the real images", say) if inception else None
-    fits = {name: load_fit(ckpt_dir, name) for name in FITTED if fit_path(ckpt_dir, name).is_file()}
+    fits = {name: load_fit(ckpt_dir, name) for name in fitted}
     samplers = ["prior", *fits]
     reference, ref_f, metrics["memorization_reference"] = _memorization_reference(
         model, fits, data.train, train, train_sel, cfg
@@ -152,6 +158,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
     # Usefulness needs labeled samples: the best sampler by FID among those whose samples have labels.
     labeled = [s for s in samplers if (samples[s][1] >= 0).all()]
     use_with = min(labeled, key=lambda s: metrics["samplers"][s]["distribution"]["fid"]) if labeled else best
+    use_with = cfg.usefulness_sampler or use_with
     metrics["usefulness"] = _usefulness(
         cfg,
         data,
