@@ -29,7 +29,7 @@ from vaeforge.metrics.likelihood import heldout_likelihood
 from vaeforge.metrics.memorization import memorization
 from vaeforge.model import VAE
 from vaeforge.run_data import EvalData, find_run, load_eval_data
-from vaeforge.sampling import FITTED, fit_path, load_fit, prior_latents
+from vaeforge.sampling import FITTED, fit_path, load_fit, prior_latents, seeded_subset
 
 Progress = Callable[[str], None]
 
@@ -38,12 +38,6 @@ Progress = Callable[[str], None]
 class EvaluateResult:
     output: Path
     metrics: dict[str, Any]
-
-
-def _subset(n_have: int, n_want: int, seed: int, salt: int) -> np.ndarray:
-    if n_have <= n_want:
-        return np.arange(n_have)
-    return np.sort(np.random.default_rng([seed, salt]).choice(n_have, n_want, replace=False))
 
 
 def sample_labels(model: VAE, fit: Any | None, n: int) -> np.ndarray:
@@ -110,9 +104,9 @@ def run_evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> Evalu
         raise UserError(f"--output {out} is a file; give a directory")
     say("loading the real images")
     data = load_eval_data(run, cfg.data, cfg.seed, model.config.image_size)
-    hold = data.holdout[_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
-    hold_labels = data.holdout_labels[_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
-    train_sel = _subset(len(data.train), cfg.max_train, cfg.seed, 2)
+    hold = data.holdout[seeded_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
+    hold_labels = data.holdout_labels[seeded_subset(len(data.holdout), cfg.samples, cfg.seed, 1)]
+    train_sel = seeded_subset(len(data.train), cfg.max_train, cfg.seed, 2)
     train, train_labels = data.train[train_sel], data.train_labels[train_sel]
     conditional = model.config.num_classes > 0
     recon_loss = run["config"].get("recon_loss", "mse") if run else "mse"

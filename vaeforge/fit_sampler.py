@@ -18,7 +18,7 @@ from vaeforge import storage
 from vaeforge.checkpoint import LoadedCheckpoint, load_vae
 from vaeforge.errors import UserError
 from vaeforge.run_data import find_run, load_eval_data
-from vaeforge.sampling import FIT_FILES, FITTED, PER_CLASS_K, POOLED_K, fit_class_gmm, fit_gmm
+from vaeforge.sampling import FIT_FILES, FITTED, PER_CLASS_K, POOLED_K, fit_class_gmm, fit_gmm, seeded_subset
 from vaeforge.sampling_kde import fit_kde
 
 # The kde keeps every training latent as a kernel centre (2 KB each at D = 512): more centres are more
@@ -40,13 +40,6 @@ def store_fit(fit: Any, name: str, checkpoint: str) -> str:
     fit.save(tmp)
     tmp.replace(target)  # a reader never sees half a fit
     return target
-
-
-def _subset(n: int, want: int, seed: int, salt: int) -> np.ndarray:
-    """Sorted positions of a seeded subset of `want` of n (all of them when n <= want)."""
-    if n <= want:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, salt]).choice(n, want, replace=False))
 
 
 def fit_latent_samplers(
@@ -87,8 +80,8 @@ def fit_latent_samplers(
     per_class = labeled if per_class is None else per_class
     if per_class and not labeled:
         raise UserError("--per-class needs labels for every training image; this run's data has none")
-    gmm_pos = _subset(len(index), max_points, seed, 11)  # the mixture's subset, as it always was
-    kde_pos = _subset(len(index), KDE_MAX_POINTS, seed, 12) if "kde" in kinds else gmm_pos[:0]
+    gmm_pos = seeded_subset(len(index), max_points, seed, 11)  # the mixture's subset, as it always was
+    kde_pos = seeded_subset(len(index), KDE_MAX_POINTS, seed, 12) if "kde" in kinds else gmm_pos[:0]
     pos = np.union1d(gmm_pos if "gmm" in kinds else gmm_pos[:0], kde_pos)
     cond = model.config.num_classes > 0
     means = encode_means(model, images[index[pos]], labels=labels[pos] if cond else None)

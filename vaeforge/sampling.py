@@ -75,6 +75,13 @@ def prior_latents(seed: int, shard: int, start: int, n: int, dim: int, temperatu
     return z * np.float32(temperature)
 
 
+def seeded_subset(n: int, want: int, seed: int, salt: int) -> np.ndarray:
+    """Sorted positions of a subset of `want` of n drawn by (seed, salt); all of them when n <= want."""
+    if n <= want:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, salt]).choice(n, want, replace=False))
+
+
 def fixed_point_factors(chol: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(chol as integers in float64, per-factor power-of-two exponents, noise exponent) for (K, D, D) factors.
 
