@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -14,7 +15,7 @@ from vaeforge.checkpoint import CheckpointError, load_vae, resolve_checkpoint, s
 from vaeforge.config import PRESETS, ModelConfig, get_preset
 from vaeforge.errors import UserError
 from vaeforge.model import VAE, DiagonalGaussian, VAEOutput, elbo_loss, fold_batchnorm, psnr
-from vaeforge.runtime import bf16_is_fast, resolve_precision
+from vaeforge.runtime import bf16_is_fast, make_optimizer, resolve_precision, restore_optimizer
 from vaeforge.summary import count_params, summarize
 
 CPU = torch.device("cpu")
@@ -345,6 +346,33 @@ def test_model_config_dict_round_trip() -> None:
 
 
 # ---------------------------------------------------------------- precision
+
+
+def test_fused_adam_resumes_an_unfused_checkpoint_and_stays_fused() -> None:
+    """A run resumed from a checkpoint saved by the default Adam takes its moments and step counts, then
+    steps exactly as the default Adam would have, on the fused kernel."""
+    torch.manual_seed(0)
+    model = VAE(get_preset("tiny"))
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(4)]
+
+    def steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], which: range) -> None:
+        for i in which:
+            for p, g in zip(params, grads[i], strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    plain = copy.deepcopy(model)
+    default = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    steps(default, list(plain.parameters()), range(2))
+    resumed = copy.deepcopy(plain)
+    fused = make_optimizer(resumed.parameters(), 1e-3)  # the saved lr wins, as on --resume
+    restore_optimizer(fused, copy.deepcopy(default.state_dict()))  # as from a file: no shared tensors
+    assert fused.param_groups[0]["fused"] and fused.param_groups[0]["lr"] == 1e-2
+    steps(default, list(plain.parameters()), range(2, 4))
+    steps(fused, list(resumed.parameters()), range(2, 4))
+    assert {int(s["step"]) for s in fused.state.values()} == {4}
+    for a, b in zip(resumed.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_precision() -> None:

@@ -23,7 +23,15 @@ from vaeforge.checkpoint import MODEL_FILE, load_trainer_state, save_checkpoint
 from vaeforge.config import TrainConfig, learning_rate
 from vaeforge.grids import interleave, make_grid
 from vaeforge.model import VAE, elbo_loss, psnr
-from vaeforge.runtime import autocast, claim_cpu, resolve_precision, to_model_input, to_uint8_hwc
+from vaeforge.runtime import (
+    autocast,
+    claim_cpu,
+    make_optimizer,
+    resolve_precision,
+    restore_optimizer,
+    to_model_input,
+    to_uint8_hwc,
+)
 
 PROGRESS_EVERY_S = 1.0  # how often rank 0 sends a progress event to the driver
 
@@ -70,7 +78,7 @@ def _restore(model: VAE, opt: torch.optim.Optimizer, resume_from: str | None) ->
         blob = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["state_dict"])
         trainer = load_trainer_state(d)
-    opt.load_state_dict(trainer["optimizer"])
+    restore_optimizer(opt, trainer["optimizer"])
     return LoopState(**trainer["loop_state"])
 
 
@@ -208,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical init on every rank; DDP also broadcasts rank 0's weights
     model = VAE(cfg.model).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model.parameters(), cfg.lr)
     state = _restore(model, opt, config.get("resume_from"))
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
     steps_per_epoch = len(train_idx) // cfg.batch_size
